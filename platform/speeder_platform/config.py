@@ -1,0 +1,343 @@
+"""Typed configuration: OmegaConf structured configs, loaded from YAML plus dotlist overrides.
+
+    cfg = load_config("jobs/smoke.yaml", ["trainer.num_workers=1"])
+
+One schema serves every command and every job spec: a spec is a `SpeederConfig` with a `steps` list.
+Errors (unknown key, wrong type, missing value, value out of range) raise `ConfigError` with a one-line
+message that names the key, before any work starts. Paths default to folders under `output_root`
+through interpolation (`${output_root}/data`), so one override moves a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+PREPARE_SOURCES = ("movielens-100k", "amazon2018", "amazon2023", "synthetic")
+STEPS = ("prepare", "featurize", "train", "evaluate", "score")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key."""
+
+
+@dataclass
+class SyntheticConfig:
+    num_users: int = 300
+    num_items: int = 120
+    num_categories: int = 6  # stated in the title: the text modality sees it
+    num_colors: int = 4  # drawn only in the image: only the vision modality sees it
+    min_length: int = 8  # interactions per user (before k-core)
+    max_length: int = 24
+    image_size: int = 32  # PNG side in pixels
+    missing_image_rate: float = 0.0  # share of items written without an image
+    markov_strength: float = 0.7  # chance the next item follows the item-level transition rule
+    seed: int = 0
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "synthetic"  # one of PREPARE_SOURCES
+    raw: str | None = None  # folder of original files (movielens: u.data/u.item; amazon: reviews+meta)
+    images: str | None = None  # amazon: folder of images already downloaded, named <asin>.<ext>
+    kcore: int = 5  # iterative k-core on users and items
+    max_history: int = 20  # most recent items kept in a history
+    num_candidates: int = 20  # target + (num_candidates - 1) negatives the user never interacted with
+    seed: int = 0  # candidate sampling seed, mixed with (split, user)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class DataConfig:
+    uri: str = "${output_root}/data"  # dataset root: a local folder or s3://bucket/prefix
+
+
+@dataclass
+class SASRecConfig:
+    # RecBole's SASRec defaults, so our figures compare with DESIGN 7.
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.5
+    max_length: int = 50
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class FeaturizeConfig:
+    name: str = "default"  # encoder set: features/<name>/items.parquet
+    text_encoder: str = "minilm"  # minilm | hashing | backbone | a Hugging Face id or local path
+    vision_encoder: str = "efficientnet-lite0"  # efficientnet-lite0 | none | a Hugging Face id or path
+    batch_size: int = 32  # items per encoder call
+    text_actors: int = 1  # actor-pool sizes
+    vision_actors: int = 1
+    actor_num_cpus: float = 0.5  # fractional: on 2 cores whole-CPU actors starve the read tasks
+    actor_num_gpus: float | None = None  # None: 1 per actor when the cluster has GPUs, else 0
+    image_size: int = 224  # encoder input side
+    incremental: bool = False  # featurize only items missing from the existing table
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class MRCConfig:
+    hidden_size: int = 256  # width of the modality tokens inside MRC
+    num_layers: int = 2  # MoME blocks
+    num_heads: int = 4
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny-llama"  # tiny-llama | tiny-qwen2 | tiny-mistral | smollm2-135m | HF id or path
+    num_layers: int | None = None  # keep only the first N decoder layers (a truncated backbone)
+    dtype: str = "float32"  # float32 | bfloat16 (GPUs)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    mrc: MRCConfig = field(default_factory=MRCConfig)
+    modalities: list[str] = field(default_factory=lambda: ["text", "vision", "sequence"])
+    max_history: int = 20
+    use_ppl: bool = True  # Position Prompt Learning
+    ppt_lambda: float = 0.1  # Position Proxy Task weight; 0 disables it
+    ppt_pairs: int = 4  # position pairs sampled per sample
+    use_mpo: bool = True  # False: one stage with every modality from the start (ablation)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    strategy: str = "auto"  # auto (DeepSpeed on GPUs, DDP on CPU) | ddp | deepspeed
+    zero_stage: int = 2
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3])
+    epochs: int = 1  # per stage
+    max_steps_per_epoch: int | None = None
+    max_train_samples: int | None = None  # seeded subsample of the train split (CPU runs)
+    batch_size: int = 16  # per worker
+    eval_batch_size: int = 64
+    lr: float = 1e-3  # MRC, PPL and heads
+    lora_lr: float = 3e-4
+    weight_decay: float = 0.0
+    text_lr_scale: float = 0.1  # stage 2: text parts train at lr x this (0 freezes them)
+    loss_pool: str = "catalog"  # catalog: softmax over every item | candidates: over the 20 candidates
+    patience: int = 2  # epochs without a better valid HR@1 before a stage stops
+    log_every: int = 20  # steps between progress lines
+    checkpoint_every: int | None = None  # also checkpoint every N steps (resume mid-epoch)
+    storage_path: str = "${output_root}/train"  # local folder or s3://
+    run_name: str = "speeder"
+    max_failures: int = 2  # worker failures tolerated per stage before the run fails
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    checkpoint: str | None = None  # None: the run's final checkpoint
+    out: str = "${output_root}/eval"
+    batch_size: int = 64
+
+
+@dataclass
+class ScoreConfig:
+    k: int = 10
+    date: str | None = None  # YYYY-MM-DD; None: today (UTC)
+    split: str = "test"  # whose histories to score (test = each user's full history but the last item)
+    checkpoint: str | None = None
+    out: str = "${output_root}/scores"
+    batch_size: int = 64
+    num_actors: int = 1
+    actor_num_cpus: float = 1.0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoint: str | None = None
+    num_replicas: int = 1
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_history: int = 200  # longer histories are refused (the model reads the last max_history)
+    max_k: int = 100
+    max_batch_requests: int = 256  # histories per POST /recommend/batch
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: join the cluster of a Ray job, else start a local Ray
+    num_cpus: int | None = None  # local Ray only
+
+
+@dataclass
+class SpeederConfig:
+    output_root: str = "runs/default"
+    steps: list[str] = field(default_factory=list)  # what `speeder job` runs, in order
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # for cluster submission
+
+
+def _choice(key: str, value: Any, allowed: tuple | list) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: SpeederConfig) -> SpeederConfig:
+    """Range and choice checks OmegaConf's types cannot express; raises ConfigError naming the key."""
+    for i, step in enumerate(cfg.steps):
+        _choice(f"steps[{i}]", step, STEPS)
+    _choice("prepare.source", cfg.prepare.source, PREPARE_SOURCES)
+    if cfg.prepare.kcore < 1:
+        raise ConfigError(f"prepare.kcore: must be >= 1, got {cfg.prepare.kcore}")
+    if cfg.prepare.num_candidates < 2:
+        raise ConfigError(f"prepare.num_candidates: must be >= 2, got {cfg.prepare.num_candidates}")
+    _positive("prepare.max_history", cfg.prepare.max_history)
+    syn = cfg.prepare.synthetic
+    for name in ("num_users", "num_items", "num_categories", "num_colors", "min_length", "image_size"):
+        _positive(f"prepare.synthetic.{name}", getattr(syn, name))
+    if syn.max_length < syn.min_length:
+        raise ConfigError(f"prepare.synthetic.max_length: {syn.max_length} < min_length {syn.min_length}")
+    if not 0.0 <= syn.missing_image_rate <= 1.0:
+        raise ConfigError(
+            f"prepare.synthetic.missing_image_rate: must be in [0, 1], got {syn.missing_image_rate}"
+        )
+    for name in ("batch_size", "text_actors", "vision_actors", "actor_num_cpus", "image_size"):
+        _positive(f"featurize.{name}", getattr(cfg.featurize, name))
+    _positive("featurize.actor_num_gpus", cfg.featurize.actor_num_gpus, allow_zero=True)
+    for i, m in enumerate(cfg.model.modalities):
+        _choice(f"model.modalities[{i}]", m, ("text", "vision", "sequence"))
+    if not cfg.model.modalities:
+        raise ConfigError("model.modalities: needs at least one modality")
+    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _positive("model.max_history", cfg.model.max_history)
+    _positive("model.ppt_lambda", cfg.model.ppt_lambda, allow_zero=True)
+    _positive("model.lora.r", cfg.model.lora.r)
+    if cfg.model.mrc.hidden_size % cfg.model.mrc.num_heads:
+        raise ConfigError(
+            f"model.mrc.hidden_size: {cfg.model.mrc.hidden_size} is not divisible by "
+            f"model.mrc.num_heads={cfg.model.mrc.num_heads}"
+        )
+    t = cfg.trainer
+    _choice("trainer.strategy", t.strategy, ("auto", "ddp", "deepspeed"))
+    _choice("trainer.zero_stage", t.zero_stage, (1, 2, 3))
+    _choice("trainer.loss_pool", t.loss_pool, ("catalog", "candidates"))
+    if not t.stages:
+        raise ConfigError("trainer.stages: needs at least one stage")
+    for i, s in enumerate(t.stages):
+        _choice(f"trainer.stages[{i}]", s, (1, 2, 3))
+    if list(t.stages) != sorted(set(t.stages)):
+        raise ConfigError(f"trainer.stages: must be increasing without repeats, got {list(t.stages)}")
+    for name in ("num_workers", "epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "log_every"):
+        _positive(f"trainer.{name}", getattr(t, name))
+    for name in ("max_steps_per_epoch", "max_train_samples", "checkpoint_every"):
+        _positive(f"trainer.{name}", getattr(t, name))
+    _positive("trainer.text_lr_scale", t.text_lr_scale, allow_zero=True)
+    _positive("trainer.patience", t.patience)
+    _choice("evaluate.split", cfg.evaluate.split, ("valid", "test"))
+    _choice("score.split", cfg.score.split, ("train", "valid", "test"))
+    for name in ("k", "batch_size", "num_actors", "actor_num_cpus"):
+        _positive(f"score.{name}", getattr(cfg.score, name))
+    if cfg.score.date is not None:
+        import datetime
+
+        try:
+            datetime.date.fromisoformat(cfg.score.date)
+        except ValueError:
+            raise ConfigError(f"score.date: {cfg.score.date!r} is not a YYYY-MM-DD date") from None
+    s = cfg.serve
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port: {s.port} is not a TCP port")
+    for name in ("num_replicas", "max_batch_size", "max_history", "max_k", "max_batch_requests"):
+        _positive(f"serve.{name}", getattr(s, name))
+    return cfg
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{key}: {msg}" if key and not msg.startswith(key) else msg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> SpeederConfig:
+    """Build a validated `SpeederConfig` from an optional YAML file and dotlist overrides.
+
+    Raises ConfigError (one line, naming the key) on an unknown key, a wrong type, a missing value
+    or a value out of range.
+    """
+    try:
+        cfg = OmegaConf.structured(SpeederConfig)
+        if path is not None:
+            try:
+                loaded = OmegaConf.load(path)
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+            if loaded is None:
+                loaded = OmegaConf.create({})
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
+            cfg = OmegaConf.merge(cfg, loaded)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{missing[0]}: a value is required (missing: {', '.join(missing)})")
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    assert isinstance(obj, SpeederConfig)
+    return validate(obj)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-serialisable dict of a config dataclass (interpolations already resolved)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> SpeederConfig:
+    """Rebuild a validated config from `to_dict` output (e.g. one shipped to a Ray worker)."""
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SpeederConfig), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    assert isinstance(obj, SpeederConfig)
+    return validate(obj)
+
+
+def to_yaml(cfg: SpeederConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

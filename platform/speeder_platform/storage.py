@@ -1,0 +1,290 @@
+"""Object storage: one place that turns a URI into a pyarrow filesystem, and atomic writes.
+
+URIs are plain paths, `file://` paths or `s3://bucket/key`. S3 uses the standard AWS environment and
+credential chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance roles, AWS_REGION) and honours
+AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores such as MinIO or Ceph.
+
+Writes never expose half a file: bytes go to a temporary name beside the target and are then
+committed (a rename on local disks; on S3 a PUT is atomic, so the object appears whole). Folders
+that must appear all at once (a scoring partition) go through `commit_dir`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MANIFEST = "_manifest.json"  # lists the files of a committed folder on object stores
+
+
+class StorageError(OSError):
+    """A storage operation failed after its retries; the message names the URI."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _s3_endpoint() -> tuple[str | None, str]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None, "https"
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return parsed.netloc, parsed.scheme or "https"
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, scheme: str, region: str) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "region": region,
+        # Retries with backoff for throttling and dropped connections (an endpoint restarting).
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6),
+        "connect_timeout": 5,
+        "request_timeout": 60,
+    }
+    if endpoint:
+        kwargs.update(endpoint_override=endpoint, scheme=scheme, force_virtual_addressing=False)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem for the current environment (endpoint, region, credentials)."""
+    endpoint, scheme = _s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3_filesystem(endpoint, scheme, region)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI; local paths come back absolute."""
+    if not uri:
+        raise ValueError("empty storage URI")
+    if is_s3(uri):
+        path = uri[len("s3://") :].rstrip("/")
+        if not path or path.startswith("/"):
+            raise ValueError(f"malformed S3 URI {uri!r}: expected s3://bucket/key")
+        return s3_filesystem(), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (both for s3:// and local paths)."""
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Run fn, retrying transient OSErrors (a store restarting) with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (OSError, pa.ArrowException) as err:
+            if isinstance(err, FileNotFoundError) or attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names directly inside a folder (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a folder with everything inside; a missing target is not an error."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {uri}") from None
+
+
+def _tmp_name(path: str) -> str:
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old version or the new one, never a part."""
+    fs, path = resolve(uri)
+    parent = posixpath.dirname(path)
+    if is_s3(uri):
+        # One PUT is atomic on S3; a temporary key + copy would only double the traffic.
+        def put() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        with_retries(put, f"write {uri}")
+        return
+    fs.create_dir(parent, recursive=True)
+    tmp = _tmp_name(path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a parquet file (or a folder of parquet files) into one table."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {uri}")
+    if info.type == pafs.FileType.Directory:
+        files = committed_files(uri)
+        tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in files]
+        if not tables:
+            raise FileNotFoundError(f"no parquet files in {uri}")
+        return pa.concat_tables(tables)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Fixed writer options and no creation-time metadata: the same table gives the same bytes.
+    pq.write_table(table, buf, compression="zstd", write_statistics=True, store_schema=True)
+    return buf.getvalue()
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write a table as one parquet file, atomically."""
+    write_bytes(uri, table_to_parquet_bytes(table))
+
+
+def committed_files(uri: str) -> list[str]:
+    """Paths (inside the filesystem) of the parquet files a folder holds.
+
+    A folder committed by `commit_dir` on an object store carries a manifest: only the files it
+    names are read, so a reader never mixes a previous run's files with a new one's.
+    """
+    fs, path = resolve(uri)
+    manifest = posixpath.join(path, MANIFEST)
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        names = read_json(join(uri, MANIFEST))["files"]
+        return [posixpath.join(path, n) for n in names]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, path).split("/"))
+    )
+
+
+@contextmanager
+def staging_dir(final_uri: str) -> Iterator[str]:
+    """Yield a fresh staging folder beside `final_uri`; on success commit it there (see commit_dir).
+
+    On an exception the staging folder is deleted and the previous contents of `final_uri` stay.
+    """
+    parent, name = posixpath.split(final_uri.rstrip("/")) if is_s3(final_uri) else os.path.split(
+        os.path.abspath(final_uri)
+    )
+    staging = join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+    makedirs(staging)
+    try:
+        yield staging
+        commit_dir(staging, final_uri)
+    finally:
+        if exists(staging):
+            remove(staging)
+
+
+def commit_dir(staging_uri: str, final_uri: str) -> None:
+    """Make the files of `staging_uri` the contents of `final_uri`, replacing what was there.
+
+    Local disks: two renames (old folder aside, staging in place), so readers see the old folder or
+    the new one, never a mix. Object stores cannot rename folders: the files are copied under a fresh
+    run prefix, then a manifest naming exactly those files is written in one PUT (the commit point),
+    then the previous run's files are deleted. Readers go through `committed_files`.
+    """
+    if not is_s3(final_uri):
+        final = os.path.abspath(final_uri)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        trash = None
+        if os.path.exists(final):
+            trash = f"{os.path.dirname(final)}/.{os.path.basename(final)}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(final, trash)
+        os.replace(os.path.abspath(staging_uri), final)
+        if trash:
+            remove(trash)
+        return
+    fs, staging = resolve(staging_uri)
+    _, final = resolve(final_uri)
+    run = uuid.uuid4().hex[:12]
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True)) if i.is_file]
+    names = []
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = posixpath.relpath(info.path, staging)
+        name = f"run-{run}/{rel}"
+        with_retries(lambda: fs.copy_file(info.path, posixpath.join(final, name)), f"copy {rel}")  # noqa: B023
+        names.append(name)
+    write_json(join(final_uri, MANIFEST), {"files": names, "committed_at": time.time()})
+    # After the commit point: drop earlier runs' files, and any left by an attempt that never committed.
+    for child in listdir(final_uri):
+        if child.startswith("run-") and child != f"run-{run}":
+            with_retries(lambda: remove(join(final_uri, child)), f"delete old {child}")  # noqa: B023

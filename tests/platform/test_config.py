@@ -1,0 +1,60 @@
+import pytest
+from speeder_platform.config import ConfigError, from_dict, load_config, to_dict
+
+
+def test_defaults_and_dotlist_overrides() -> None:
+    cfg = load_config(None, ["trainer.num_workers=4", "output_root=/tmp/run1", "model.lora.r=16"])
+    assert cfg.trainer.num_workers == 4
+    assert cfg.model.lora.r == 16
+    # Paths follow output_root through interpolation.
+    assert cfg.data.uri == "/tmp/run1/data"
+    assert cfg.trainer.storage_path == "/tmp/run1/train"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["trainer.num_wrkers=4"], "trainer.num_wrkers"),
+        (["trainer.num_workers=four"], "trainer.num_workers"),
+        (["trainer.strategy=horovod"], "trainer.strategy"),
+        (["model.lora.r=0"], "model.lora.r"),
+        (["steps=[prepare,bogus]"], "steps[1]"),
+        (["data.uri=null"], "data.uri"),
+        (["model.mrc.hidden_size=100", "model.mrc.num_heads=3"], "model.mrc.hidden_size"),
+        (["score.date=2026-13-01"], "score.date"),
+        (["model.modalities=[text,smell]"], "model.modalities[1]"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert message.startswith(key), message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("#!/usr/bin/env -S speeder job\ntrainer:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"^trainer\.batchsize"):
+        load_config(str(spec))
+
+
+def test_shebang_line_is_a_yaml_comment(tmp_path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("#!/usr/bin/env -S speeder job\nsteps: [prepare]\ntrainer:\n  epochs: 3\n")
+    cfg = load_config(str(spec))
+    assert cfg.steps == ["prepare"] and cfg.trainer.epochs == 3
+
+
+def test_missing_file_and_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/spec.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["trainer.num_workers"])
+
+
+def test_round_trip_through_plain_dict() -> None:
+    cfg = load_config(None, ["trainer.epochs=5", "output_root=/x"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
