@@ -1,0 +1,42 @@
+import math
+
+import pytest
+import torch
+
+from speeder import metrics
+
+
+def test_target_rank_counts_ties_against_the_model() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0], [3.0, 2.0, 1.0]])
+    ranks = metrics.target_rank(scores, torch.tensor([1, 0, 2]))
+    assert ranks.tolist() == [0, 2, 2]
+
+
+def test_hand_computed_values() -> None:
+    ranks = [0, 1, 4, 12, -1]  # -1: an invalid answer
+    assert metrics.hit_rate(ranks, 1) == pytest.approx(1 / 5)
+    assert metrics.hit_rate(ranks, 5) == pytest.approx(3 / 5)
+    assert metrics.hit_rate(ranks, 10) == pytest.approx(3 / 5)
+    expected_ndcg10 = (1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(6)) / 5
+    assert metrics.ndcg(ranks, 10) == pytest.approx(expected_ndcg10)
+    assert metrics.mrr(ranks) == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 13) / 5)
+    assert metrics.mrr(ranks, 10) == pytest.approx((1 + 1 / 2 + 1 / 5) / 5)
+    assert metrics.valid_ratio(ranks) == pytest.approx(4 / 5)
+    assert metrics.hit_rate_at_1_valid(ranks) == pytest.approx(1 / 4)
+    assert metrics.valid_hit_rate_at_1(ranks) == pytest.approx(1 / 5)
+
+
+def test_protocol_summaries() -> None:
+    cand = metrics.candidate_metrics([0, 0, 3, -1])
+    assert cand["hr@1"] == pytest.approx(2 / 3)
+    assert cand["valid_ratio"] == pytest.approx(3 / 4)
+    assert cand["vhr@1"] == pytest.approx(1 / 2)
+    assert cand["samples"] == 4
+    full = metrics.full_ranking_metrics(torch.tensor([0, 9, 10]), k=10)
+    assert full["hr@10"] == pytest.approx(2 / 3)
+    assert full["ndcg@10"] == pytest.approx((1 + 1 / math.log2(11)) / 3)
+
+
+def test_empty_inputs_are_zero() -> None:
+    assert metrics.hit_rate([], 10) == 0.0
+    assert metrics.valid_hit_rate_at_1([-1, -1]) == 0.0
