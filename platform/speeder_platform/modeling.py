@@ -1,0 +1,43 @@
+"""The config boundary of the model: `ModelConfig` -> typed `SpeederSettings` and a built model."""
+
+from __future__ import annotations
+
+from speeder.model import SpeederModel, SpeederSettings, build_model
+from speeder_platform.config import ModelConfig
+
+# Feature sizes of the default encoders (MiniLM, EfficientNet-Lite0, SASRec with hidden 64), used
+# where a model is described before any features exist (`speeder model info`).
+DEFAULT_FEATURE_DIMS = {"text": 384, "vision": 1280, "sequence": 64}
+
+
+def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> SpeederSettings:
+    return SpeederSettings(
+        feature_dims=dict(feature_dims),
+        max_history=model.max_history,
+        mrc_hidden=model.mrc.hidden_size,
+        mrc_layers=model.mrc.num_layers,
+        mrc_heads=model.mrc.num_heads,
+        mrc_dropout=model.mrc.dropout,
+        use_ppl=model.use_ppl,
+        ppt_lambda=model.ppt_lambda,
+        ppt_pairs=model.ppt_pairs,
+        modalities=list(model.modalities),
+    )
+
+
+def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: int = 0) -> SpeederModel:
+    """Backbone + LoRA + Speeder parts as the config says, initialised from `seed`."""
+    speeder = build_model(
+        model.backbone,
+        settings_from_config(model, feature_dims),
+        lora_r=model.lora.r,
+        lora_alpha=model.lora.alpha,
+        lora_dropout=model.lora.dropout,
+        lora_targets=list(model.lora.target_modules),
+        num_layers=model.num_layers,
+        dtype=model.dtype,
+        seed=seed,
+    )
+    if model.gradient_checkpointing:
+        speeder.backbone.gradient_checkpointing_enable()
+    return speeder

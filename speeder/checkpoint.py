@@ -1,0 +1,117 @@
+"""Checkpoints: trainable weights only (LoRA, MRC, PPL, heads) as safetensors + JSON metadata.
+
+    <dir>/model.safetensors      SpeederModel.trainable_state()
+    <dir>/optimizer.safetensors  optimizer tensors (optional, for resuming mid-stage)
+    <dir>/optimizer.json         optimizer scalars and parameter groups
+    <dir>/meta.json              format, stage, step, epoch, settings, feature dims, metrics, config
+
+Nothing is pickled: loading a checkpoint cannot execute code. `meta.json` is written last, so a
+folder without it is an incomplete checkpoint and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "speeder-checkpoint/1"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete, of another format, or does not fit the model."""
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write a checkpoint folder; meta.json last, so its presence marks a complete checkpoint."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
+    save_file(state, str(d / MODEL_FILE))
+    if optimizer is not None:
+        tensors, scalars = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(d / OPTIM_FILE))
+        _write_json(d / OPTIM_META, scalars)
+    _write_json(d / META_FILE, {"format": FORMAT, **meta})
+    return d
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {META_FILE}; not a complete Speeder checkpoint")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state when asked and present) into a freshly built model.
+
+    Every trainable tensor must be present with the same shape: a checkpoint of another model
+    configuration is refused with the first mismatching name.
+    """
+    meta = read_meta(directory)
+    d = Path(directory)
+    state = load_file(str(d / MODEL_FILE))
+    expected = model.trainable_state()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: does not fit this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise CheckpointError(f"{directory}: {name} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    if optimizer is not None and (d / OPTIM_FILE).exists():
+        scalars = json.loads((d / OPTIM_META).read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(d / OPTIM_FILE)), scalars))
+    return meta
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}
+    for idx, slot in state_dict["state"].items():
+        for key, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars["state"].setdefault(str(idx), {})[key] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, slot in scalars["state"].items():
+        state.setdefault(int(idx), {}).update(slot)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in scalars["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,159 @@
+"""The single-process train / evaluate loop. The Ray Train worker loop calls the same pieces.
+
+    samples = Samples.from_rows(histories, targets, candidates, max_history=20)
+    opt = torch.optim.AdamW(apply_stage(model, STAGES[1], lr=1e-3, lora_lr=3e-4))
+    for batch in samples.batches(16, shuffle=True, seed=epoch):
+        train_step(model, opt, batch, features, STAGES[1].modalities, step=step)
+    metrics = evaluate(model, valid, features, STAGES[1].modalities)
+
+At evaluation the whole catalog's item tokens are computed once; history tokens are then lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
+from speeder.mrc import ItemFeatures
+from speeder.prompt import PAD_ITEM, pad_histories
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """A split as arrays. history (S, H) left-padded with -1, target (S,), candidates (S, C)."""
+
+    history: np.ndarray
+    target: np.ndarray
+    candidates: np.ndarray
+    user_id: np.ndarray | None = None
+
+    @classmethod
+    def from_rows(cls, histories: Sequence, targets: Sequence[int], candidates: Sequence,
+                  max_history: int, user_ids: Sequence[int] | None = None) -> Samples:
+        cand = np.asarray([np.asarray(c, dtype=np.int64) for c in candidates], dtype=np.int64)
+        return cls(history=pad_histories(list(histories), max_history),
+                   target=np.asarray(targets, dtype=np.int64), candidates=cand.reshape(len(targets), -1),
+                   user_id=None if user_ids is None else np.asarray(user_ids, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def subset(self, index: np.ndarray) -> Samples:
+        return Samples(self.history[index], self.target[index], self.candidates[index],
+                       None if self.user_id is None else self.user_id[index])
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start:start + batch_size]
+            yield {"history": torch.from_numpy(self.history[idx]), "target": torch.from_numpy(self.target[idx]),
+                   "candidates": torch.from_numpy(self.candidates[idx])}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               features: ItemFeatures, active: Iterable[str], *, step: int, seed: int = 0,
+               loss_pool: str = "catalog", max_grad_norm: float | None = 5.0) -> dict[str, float]:
+    """One optimisation step; returns the losses as floats.
+
+    `model` may be a DDP wrapper around SpeederModel (its forward computes the losses, so gradient
+    synchronisation happens). The PPT pair sampler is seeded from (seed, step): reproducible runs.
+    """
+    model.train()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    device = features.text.device
+    out = model(batch["history"].to(device), batch["target"].to(device),
+                None if loss_pool == "catalog" else batch["candidates"].to(device),
+                features, list(active), generator)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if max_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+@torch.no_grad()
+def catalog_tokens(model: nn.Module, features: ItemFeatures, active: Iterable[str]) -> torch.Tensor:
+    """All item tokens (N, D), computed once per checkpoint for evaluation, scoring and serving."""
+    model.eval()
+    return model.item_tokens(features, list(active))
+
+
+@torch.no_grad()
+def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *, batch_size: int = 64,
+                 full: bool = True, mask_history: bool = True) -> dict[str, np.ndarray]:
+    """Ranks of each sample's target: among its candidates, and (if `full`) among the whole catalog.
+
+    Full ranking masks the user's history items (the target itself is never masked).
+    """
+    model.eval()
+    device = item_table.device
+    cand_ranks, full_ranks = [], []
+    for batch in samples.batches(batch_size):
+        history = batch["history"].to(device)
+        target = batch["target"].to(device)
+        cands = batch["candidates"].to(device)
+        u, _, _ = model.user_vectors(history, item_table)
+        cand_scores = model.head.scores(u, item_table[cands].float())  # (B, C)
+        cand_ranks.append(target_rank(cand_scores, (cands == target.unsqueeze(1)).long().argmax(1)).cpu())
+        if full:
+            scores = model.head.scores(u, item_table.float())  # (B, N)
+            if mask_history:
+                hist = history.clone()
+                hist[hist == target.unsqueeze(1)] = PAD_ITEM
+                rows, cols = torch.nonzero(hist >= 0, as_tuple=True)
+                scores[rows, hist[rows, cols]] = float("-inf")
+            full_ranks.append(target_rank(scores, target).cpu())
+    out = {"candidates": torch.cat(cand_ranks).numpy() if cand_ranks else np.zeros(0, np.int64)}
+    if full:
+        out["full"] = torch.cat(full_ranks).numpy() if full_ranks else np.zeros(0, np.int64)
+    return out
+
+
+def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active: Iterable[str], *,
+             batch_size: int = 64, full: bool = True, k: int = 10) -> dict[str, float]:
+    """Both protocols' metrics on a split: candidate HR@1/ValidRatio/VHR@1 and full-ranking HR@K/NDCG@K."""
+    t0 = time.perf_counter()
+    table = catalog_tokens(model, features, active)
+    ranks = rank_targets(model, samples, table, batch_size=batch_size, full=full)
+    metrics = {f"cand_{k_}": v for k_, v in candidate_metrics(ranks["candidates"]).items()}
+    if full:
+        metrics.update({f"full_{k_}": v for k_, v in full_ranking_metrics(ranks["full"], k).items()})
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
+        active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
+        log_every: int = 50, max_steps: int | None = None) -> list[dict[str, float]]:
+    """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
+    history = []
+    step = 0
+    for epoch in range(epochs):
+        t0, losses, seen = time.perf_counter(), [], 0
+        for batch in train.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
+            out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool)
+            losses.append(out["loss"])
+            seen += len(batch["target"])
+            step += 1
+            if log_every and step % log_every == 0:
+                log.info("epoch %d step %d loss %.4f (%.1f samples/s)", epoch, step, np.mean(losses[-log_every:]),
+                         seen / (time.perf_counter() - t0))
+            if max_steps is not None and step >= max_steps:
+                break
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds})
+        if max_steps is not None and step >= max_steps:
+            break
+    return history

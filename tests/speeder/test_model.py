@@ -1,0 +1,180 @@
+import numpy as np
+import pytest
+import torch
+from testkit.model import make_features, tiny_settings
+
+from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from speeder.loop import Samples, evaluate, fit
+from speeder.model import build_model
+from speeder.mpo import STAGES, apply_stage, plan_stages
+from speeder.spae import sample_position_pairs
+
+ALL = ["text", "vision", "sequence"]
+
+
+def test_masked_modality_features_do_not_change_tokens(tiny_model, features) -> None:
+    tiny_model.eval()
+    with torch.no_grad():
+        tiny_model.mrc.vision_gate.fill_(1.0)
+        before = tiny_model.item_tokens(features, ALL)
+        changed = make_features()
+        no_image = ~changed.image_mask
+        changed.image[no_image] = torch.randn(int(no_image.sum()), changed.image.shape[1]) * 100
+        after = tiny_model.item_tokens(changed, ALL)
+        assert torch.equal(before, after)
+        # A modality the stage has not switched on has no effect at all, whatever its values.
+        changed.sequence = torch.randn_like(changed.sequence)
+        assert torch.equal(tiny_model.item_tokens(features, ["text"]), tiny_model.item_tokens(changed, ["text"]))
+        # ...but it does change the tokens when it is active (the test could fail).
+        assert not torch.equal(tiny_model.item_tokens(features, ALL), tiny_model.item_tokens(changed, ALL))
+
+
+def test_vision_gate_at_zero_silences_image_features(tiny_model, features) -> None:
+    tiny_model.eval()
+    other = make_features()
+    other.image = torch.randn_like(other.image) * 10
+    with torch.no_grad():
+        assert float(tiny_model.mrc.vision_gate) == 0.0
+        assert torch.equal(tiny_model.item_tokens(features, ALL), tiny_model.item_tokens(other, ALL))
+        tiny_model.mrc.vision_gate.fill_(0.5)
+        assert not torch.equal(tiny_model.item_tokens(features, ALL), tiny_model.item_tokens(other, ALL))
+
+
+def test_prompt_costs_template_plus_one_token_per_item(tiny_model) -> None:
+    builder = tiny_model.prompt
+    history = torch.tensor([[-1, -1, -1, 3, 4, 5], [0, 1, 2, 3, 4, 5], [-1, -1, -1, -1, -1, 9]])
+    batch = builder.build(history)
+    real_tokens = batch.attention_mask.sum(dim=1)
+    assert real_tokens.tolist() == [builder.template_length + n for n in (3, 6, 1)]
+    assert (batch.slot_items >= 0).sum(dim=1).tolist() == [3, 6, 1]
+    # Slots hold the history in order, most recent item at recency 0.
+    assert batch.slot_items[0][batch.slot_items[0] >= 0].tolist() == [3, 4, 5]
+    assert batch.slot_recency[0][batch.slot_items[0] >= 0].tolist() == [2, 1, 0]
+
+
+def test_left_padding_does_not_change_scores(tiny_model, features) -> None:
+    tiny_model.eval()
+    with torch.no_grad():
+        table = tiny_model.item_tokens(features, ALL)
+        short = tiny_model.score_candidates(torch.tensor([[3, 4, 5]]), torch.tensor([[1, 2, 7]]), table)
+        padded = tiny_model.score_candidates(torch.tensor([[-1, -1, -1, 3, 4, 5], [0, 1, 2, 3, 4, 5]]),
+                                             torch.tensor([[1, 2, 7], [1, 2, 7]]), table)
+    torch.testing.assert_close(short[0], padded[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(padded[0], padded[1])
+
+
+def test_stage_one_leaves_vision_and_sequence_untouched(tiny_model, features) -> None:
+    groups = apply_stage(tiny_model, STAGES[1], lr=1e-2, lora_lr=1e-2)
+    assert {g["name"] for g in groups}.isdisjoint({"vision_adapter", "vision_expert", "vision_gate",
+                                                   "sequence_adapter", "sequence_expert"})
+    frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters()
+              if any(k in n for k in ("vision", "sequence")) and n.startswith("mrc.")}
+    text = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if "adapters.text" in n}
+    opt = torch.optim.AdamW(groups, weight_decay=0.1)
+    batch = {"history": torch.tensor([[1, 2, 3], [4, 5, 6]]), "target": torch.tensor([7, 8]),
+             "candidates": torch.tensor([[7, 1], [8, 2]])}
+    from speeder.loop import train_step
+
+    train_step(tiny_model, opt, batch, features, STAGES[1].modalities, step=0)
+    assert frozen and all(torch.equal(p, dict(tiny_model.named_parameters())[n]) for n, p in frozen.items())
+    assert any(not torch.equal(p, dict(tiny_model.named_parameters())[n]) for n, p in text.items())
+
+
+def test_stage_plan_skips_vision_without_images() -> None:
+    assert [s.index for s in plan_stages([1, 2, 3], {"text", "sequence"})] == [1, 3]
+    assert [s.index for s in plan_stages([1, 2, 3], {"text", "vision", "sequence"})] == [1, 2, 3]
+    assert [s.name for s in plan_stages([1, 2, 3], {"text"}, use_mpo=False)] == ["all"]
+
+
+def test_checkpoint_round_trip_reproduces_scores(tmp_path, features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features), seed=1)
+    with torch.no_grad():
+        for p in model.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.01)  # trained-looking weights, not the init
+    model.eval()
+    history, cands = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model.score_candidates(history, cands, model.item_tokens(features, ALL))
+    save_checkpoint(tmp_path / "ckpt", model, {"stage": 3, "step": 12})
+    fresh = build_model("tiny-llama", tiny_settings(features), seed=2)
+    fresh.eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh.score_candidates(history, cands, fresh.item_tokens(features, ALL)), expected)
+    meta = load_checkpoint(tmp_path / "ckpt", fresh)
+    assert meta["stage"] == 3 and meta["step"] == 12
+    with torch.no_grad():
+        assert torch.equal(fresh.score_candidates(history, cands, fresh.item_tokens(features, ALL)), expected)
+    # Only trainable weights are stored: far fewer than the backbone holds.
+    stored = sum(v.numel() for v in model.trainable_state().values())
+    assert stored < sum(p.numel() for p in model.parameters()) / 2
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features))
+    save_checkpoint(tmp_path / "c", model, {"stage": 1, "step": 0})
+    other = build_model("tiny-llama", tiny_settings(features, mrc_hidden=64))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(tmp_path / "c", other)
+    (tmp_path / "c" / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete"):
+        load_checkpoint(tmp_path / "c", model)
+
+
+def test_position_pairs_are_distinct_and_in_range() -> None:
+    lengths = torch.tensor([0, 1, 2, 6, 20])
+    rows, i, j = sample_position_pairs(lengths, 50, torch.Generator().manual_seed(0))
+    assert set(rows.tolist()) == {2, 3, 4}
+    assert bool((i != j).all())
+    assert bool((i < lengths[rows]).all() and (j < lengths[rows]).all() and (i >= 0).all())
+    assert len(set(zip(i[rows == 4].tolist(), j[rows == 4].tolist(), strict=True))) > 30
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mistral"])
+def test_other_backbone_families_score(name, features) -> None:
+    model = build_model(name, tiny_settings(features))
+    assert model._backbone.family in ("qwen2", "mistral")
+    out = model(torch.tensor([[1, 2, 3]]), torch.tensor([4]), None, features, ALL)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def successor_dataset(num_users: int = 50, num_items: int = 40, length: int = 8, seed: int = 0):
+    """Users walk a fixed item -> successor permutation: the next item is a function of the last."""
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(num_items)
+    histories, targets, candidates = [], [], []
+    for _ in range(num_users):
+        seq = [int(rng.integers(num_items))]
+        for _ in range(length):
+            seq.append(int(successor[seq[-1]]))
+        for t in range(2, len(seq)):
+            target = seq[t]
+            negatives = rng.choice([i for i in range(num_items) if i != target], 19, replace=False)
+            cands = rng.permutation(np.concatenate([[target], negatives]))
+            histories.append(seq[max(0, t - 6):t])
+            targets.append(target)
+            candidates.append(cands)
+    return Samples.from_rows(histories, targets, candidates, max_history=6)
+
+
+def test_tiny_model_overfits_a_small_dataset() -> None:
+    torch.manual_seed(0)
+    features = make_features(n=40)
+    train = successor_dataset()
+    model = build_model("tiny-llama", tiny_settings(features, ppt_lambda=0.1), lora_dropout=0.0)
+    opt = torch.optim.AdamW(apply_stage(model, STAGES[3], lr=1e-3, lora_lr=1e-3))
+    fit(model, opt, train, features, ALL, epochs=12, batch_size=32, log_every=0)
+    metrics = evaluate(model, train, features, ALL)
+    assert metrics["cand_hr@1"] > 0.9, metrics
+
+
+def test_candidate_loss_on_touched_items_matches_full_table(tiny_model, features) -> None:
+    history = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6]])
+    target, cands = torch.tensor([7, 9]), torch.tensor([[7, 1, 30], [2, 9, 11]])
+    out = tiny_model(history, target, cands, features, ALL)
+    with torch.no_grad():
+        table = tiny_model.item_tokens(features, ALL)
+        scores = tiny_model.score_candidates(history, cands, table)
+    expected = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1]))
+    torch.testing.assert_close(out["rec_loss"], expected, rtol=1e-4, atol=1e-5)
