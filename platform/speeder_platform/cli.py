@@ -101,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides (key=value) may come anywhere, also after options: `prepare X --out Y a.b=1`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

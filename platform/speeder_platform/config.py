@@ -126,6 +126,7 @@ class ModelConfig:
 class TrainerConfig:
     num_workers: int = 2
     use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: 1, or less on a small machine so Ray Data keeps a CPU
     strategy: str = "auto"  # auto (DeepSpeed on GPUs, DDP on CPU) | ddp | deepspeed
     zero_stage: int = 2
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -265,6 +266,7 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     for name in ("max_steps_per_epoch", "max_train_samples", "checkpoint_every"):
         _positive(f"trainer.{name}", getattr(t, name))
     _positive("trainer.text_lr_scale", t.text_lr_scale, allow_zero=True)
+    _positive("trainer.cpus_per_worker", t.cpus_per_worker)
     _positive("trainer.patience", t.patience)
     _choice("evaluate.split", cfg.evaluate.split, ("valid", "test"))
     _choice("score.split", cfg.score.split, ("train", "valid", "test"))
