@@ -66,6 +66,38 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from speeder_platform.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from speeder_platform.train import run_training
+
+    summary = run_training(_config(args))
+    sys.stdout.write(f"{summary.table()}\n\nfinal checkpoint: {summary.checkpoint}\n")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from speeder_platform.evaluate import run_evaluate
+
+    result = run_evaluate(_config(args), args.checkpoint)
+    sys.stdout.write(json.dumps(result["metrics"], indent=2) + "\n")
+    return 0
+
+
+def _add_config_command(sub, name: str, help_text: str, func: Callable[[argparse.Namespace], int]):
+    cmd = sub.add_parser(name, help=help_text)
+    cmd.add_argument("config", help="a job spec / config YAML (jobs/*.yaml)")
+    cmd.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.num_workers=4")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speeder", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -95,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("name", help="preset (tiny-llama, smollm2-135m, ...) or a Hugging Face id/path")
     info.add_argument("overrides", nargs="*", help="model.* overrides, e.g. lora.r=16")
     info.set_defaults(func=_cmd_model_info)
+
+    _add_config_command(sub, "train", "run the MPO stages with Ray Train (DDP on CPU, DeepSpeed on GPUs)",
+                        _cmd_train)
+    ev = _add_config_command(sub, "evaluate", "test-split metrics, both protocols (JSON + markdown)",
+                             _cmd_evaluate)
+    ev.add_argument("--checkpoint", help="checkpoint URI (default: the run's final checkpoint)")
     return p
 
 

@@ -288,3 +288,19 @@ def commit_dir(staging_uri: str, final_uri: str) -> None:
     for child in listdir(final_uri):
         if child.startswith("run-") and child != f"run-{run}":
             with_retries(lambda: remove(join(final_uri, child)), f"delete old {child}")  # noqa: B023
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy a folder (local or s3://) into `local_dir`; returns local_dir."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"not a folder: {uri}")
+    os.makedirs(local_dir, exist_ok=True)
+    with_retries(lambda: pafs.copy_files(path, local_dir, source_filesystem=fs,
+                                         destination_filesystem=pafs.LocalFileSystem()), f"download {uri}")
+    return local_dir
+
+
+def uri_of(path: str, fs: pafs.FileSystem) -> str:
+    """A URI for a path inside a filesystem (Ray hands back such pairs for checkpoints)."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path

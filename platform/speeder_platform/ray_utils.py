@@ -1,0 +1,69 @@
+"""Starting or joining Ray, and the environment every Speeder worker gets.
+
+`ensure_ray` joins a cluster when there is one (an explicit address, RAY_ADDRESS as set inside a Ray
+job, or `ray.init` already called) and otherwise starts an embedded local Ray bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from speeder_platform.config import SpeederConfig
+
+log = logging.getLogger(__name__)
+
+# Environment for every Ray worker: nothing reaches the internet; tiny CPU models run one thread.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # our own progress lines; bars flood non-terminal logs
+}
+# Forwarded to workers when set on the driver (storage endpoint, credentials, caches).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "SPEEDER_CACHE",
+                 "OMP_NUM_THREADS", "DS_ACCELERATOR", "HF_HOME")
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    return env
+
+
+def ensure_ray(cfg: SpeederConfig | None = None) -> str:
+    """Join or start Ray; returns "cluster" or "local"."""
+    import ray
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return "cluster" if os.environ.get("RAY_ADDRESS") else "local"
+    address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return "cluster"
+    # A local Ray bound to loopback only (observed: without this variable some ports bind to the
+    # external interface even with node_ip_address=127.0.0.1).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    num_cpus = cfg.ray.num_cpus if cfg is not None else None
+    log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus or "all")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    return "local"
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,162 @@
+"""`speeder train CONFIG`: the MPO stages as Ray Train runs, each resuming from the previous best.
+
+    speeder train jobs/smoke.yaml trainer.num_workers=2 trainer.strategy=deepspeed
+
+One `TorchTrainer` per stage (`<run_name>-stage<k>` under `trainer.storage_path`, local or s3://).
+A stage that finished is recorded in `<storage>/<run_name>/stages.json`, so a driver restarted with
+the same spec skips finished stages and Ray Train resumes the unfinished one from its latest
+checkpoint. `final.json` names the checkpoint that evaluation, scoring and serving use by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from speeder.mpo import plan_stages
+from speeder_platform import storage
+from speeder_platform.config import SpeederConfig, to_dict
+from speeder_platform.ray_utils import ensure_ray
+from speeder_platform.tables import available_modalities, load_item_features, split_uri
+from speeder_platform.train_worker import METRIC, train_loop_per_worker
+
+log = logging.getLogger("speeder.train")
+
+STAGES_FILE = "stages.json"
+FINAL_FILE = "final.json"
+
+
+def run_uri(cfg: SpeederConfig) -> str:
+    return storage.join(cfg.trainer.storage_path, cfg.trainer.run_name)
+
+
+@dataclass
+class TrainSummary:
+    checkpoint: str  # the final stage's best checkpoint (URI)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = ["| stage | modalities | epochs | valid HR@1 | valid HR@10 | samples/s | seconds |",
+                 "|---|---|---|---|---|---|---|"]
+        for s in self.stages:
+            m = s["metrics"]
+            lines.append(f"| {s['stage']} {s['name']} | {', '.join(s['modalities'])} | {m.get('epoch', '?')} | "
+                         f"{m.get(METRIC, float('nan')):.4f} | {m.get('valid_hr10', float('nan')):.4f} | "
+                         f"{m.get('samples_per_s', float('nan')):.1f} | {s.get('seconds', 0):.0f} |")
+        return "\n".join(lines)
+
+
+def _train_dataset(cfg: SpeederConfig):
+    """The train split as a materialised Ray Dataset (a seeded subsample if trainer.max_train_samples).
+
+    Materialised before the trainers start: the read tasks then never compete with the training
+    workers for CPUs (on a 2-core machine they would never get one), and every stage and every
+    restarted worker group reads the same blocks from the object store.
+    """
+    import ray.data
+
+    uri = split_uri(cfg.data.uri, "train")
+    limit = cfg.trainer.max_train_samples
+    if limit is None:
+        fs, path = storage.resolve(uri)
+        return ray.data.read_parquet(path, filesystem=fs).materialize()
+    table = storage.read_table(uri)
+    if limit < table.num_rows:
+        keep = np.sort(np.random.default_rng(cfg.trainer.seed).choice(table.num_rows, limit, replace=False))
+        table = table.take(keep)
+    return ray.data.from_arrow(table).materialize()
+
+
+def _cpus_per_worker(cfg: SpeederConfig) -> float:
+    import ray
+
+    if cfg.trainer.cpus_per_worker is not None:
+        return cfg.trainer.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    # Leave half a CPU to Ray Data's split coordinator and read tasks, or they starve (STACK-NOTES).
+    return max(0.25, min(1.0, (cpus - 0.5) / cfg.trainer.num_workers))
+
+
+def run_training(cfg: SpeederConfig) -> TrainSummary:
+    """Run every planned stage that has not finished yet; returns the final checkpoint and metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    ensure_ray(cfg)
+    t = cfg.trainer
+    features = load_item_features(cfg.data.uri, cfg.featurize.name)
+    available = available_modalities(features) & set(cfg.model.modalities)
+    plan = plan_stages(list(t.stages), available, cfg.model.use_mpo)
+    if not plan:
+        raise ValueError(f"trainer.stages: nothing to train with modalities {sorted(available)}")
+    root = run_uri(cfg)
+    stages_uri = storage.join(root, STAGES_FILE)
+    done: list[dict[str, Any]] = storage.read_json(stages_uri)["stages"] if storage.exists(stages_uri) else []
+    done_index = {s["stage"] for s in done}
+
+    train_ds = _train_dataset(cfg)
+    n_train = train_ds.count()
+    steps = max(1, n_train // (t.num_workers * t.batch_size))
+    if t.max_steps_per_epoch:
+        steps = min(steps, t.max_steps_per_epoch)
+    cpus = _cpus_per_worker(cfg)
+    log.info("training %s on %d samples: stages %s, %d worker(s) x %.2g CPU%s, %d steps/epoch x %d epoch(s)",
+             cfg.model.backbone, n_train, [s.index for s in plan], t.num_workers, cpus,
+             " + 1 GPU" if t.use_gpu else "", steps, t.epochs)
+    fs, storage_path = storage.resolve(t.storage_path)
+    init = done[-1]["checkpoint"] if done else None
+    for stage in plan:
+        if stage.index in done_index:
+            log.info("stage %d (%s) already finished in %s; skipping", stage.index, stage.name, root)
+            continue
+        stage_t0 = time.perf_counter()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(cfg), "stage": stage.index, "init_checkpoint": init,
+                               "steps_per_epoch": steps, "threads": max(1, int(cpus))},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": cpus}),
+            run_config=RunConfig(
+                name=f"{t.run_name}-stage{stage.index}",
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=3, checkpoint_score_attribute=METRIC,
+                                                   checkpoint_score_order="max"),
+            ),
+            datasets={"train": train_ds},
+        )
+        result = trainer.fit()
+        if result.error:
+            raise RuntimeError(f"stage {stage.index} failed: {result.error}")
+        best = result.get_best_checkpoint(METRIC, "max")
+        if best is None:
+            raise RuntimeError(f"stage {stage.index} reported no checkpoint")
+        metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+        init = storage.uri_of(best.path, best.filesystem)
+        record = {"stage": stage.index, "name": stage.name, "checkpoint": init,
+                  "modalities": [m for m in stage.modalities if m in available],
+                  "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                  "seconds": time.perf_counter() - stage_t0}
+        done.append(record)
+        storage.write_json(stages_uri, {"stages": done})
+        log.info("stage %d (%s) done in %.0fs: best valid HR@1 %.4f -> %s", stage.index, stage.name,
+                 record["seconds"], record["metrics"].get(METRIC, math.nan), init)
+    summary = TrainSummary(checkpoint=done[-1]["checkpoint"], stages=done, seconds=time.perf_counter() - t0)
+    storage.write_json(storage.join(root, FINAL_FILE), {"checkpoint": summary.checkpoint, "stages": done})
+    return summary
+
+
+def final_checkpoint(cfg: SpeederConfig) -> str:
+    """The checkpoint a finished run names as final (what evaluate/score/serve use by default)."""
+    uri = storage.join(run_uri(cfg), FINAL_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no trained model at {uri}: run `speeder train` first or pass a checkpoint")
+    return storage.read_json(uri)["checkpoint"]

@@ -1,0 +1,241 @@
+"""The Ray Train worker loop: one MPO stage on one worker (DDP or DeepSpeed).
+
+Each worker builds the same model (same seed), applies the stage, restores state (this stage's
+latest checkpoint after a failure, else the previous stage's best weights), then trains on its
+shard of the train dataset. Every epoch ends with validation HR@1 on the 20-candidate valid split
+(sharded over workers, summed with all-reduce so every rank takes the same early-stopping decision)
+and a checkpoint. A checkpoint's meta.json carries the loop state (epoch, step, best, patience), so
+a restarted worker group continues where the failed one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from speeder.checkpoint import load_checkpoint, save_checkpoint
+from speeder.loop import Samples, catalog_tokens, rank_targets, train_step
+from speeder.metrics import hit_rate, ndcg
+from speeder.mpo import ALL_AT_ONCE, STAGES, Stage, apply_stage
+from speeder.prompt import pad_histories
+from speeder_platform import storage
+from speeder_platform.config import from_dict, to_dict
+from speeder_platform.modeling import build_from_config
+from speeder_platform.tables import available_modalities, load_item_features, load_samples
+
+log = logging.getLogger("speeder.train")
+
+METRIC = "valid_hr1"  # checkpoint selection and early stopping
+
+
+def stage_from_index(index: int, use_mpo: bool) -> Stage:
+    return STAGES[index] if use_mpo else ALL_AT_ONCE
+
+
+def resolve_strategy(strategy: str, use_gpu: bool) -> str:
+    """auto -> DeepSpeed ZeRO on GPUs, DDP on CPU."""
+    if strategy == "auto":
+        return "deepspeed" if use_gpu else "ddp"
+    return strategy
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _batch_tensors(batch: dict[str, np.ndarray], max_history: int) -> dict[str, torch.Tensor]:
+    return {
+        "history": torch.from_numpy(pad_histories(list(batch["history"]), max_history)),
+        "target": torch.from_numpy(np.array(batch["target"], dtype=np.int64)),  # a writable copy
+        "candidates": torch.from_numpy(np.stack([np.asarray(c, dtype=np.int64) for c in batch["candidates"]])),
+    }
+
+
+def validate(module: torch.nn.Module, valid: Samples, features, active: list[str], batch_size: int,
+             rank: int, world: int) -> dict[str, float]:
+    """Valid-split metrics over all workers: each ranks its shard, sums are all-reduced."""
+    import torch.distributed as dist
+
+    shard = valid.subset(np.arange(rank, len(valid), world))
+    table = catalog_tokens(module, features, active)
+    ranks = rank_targets(module, shard, table, batch_size=batch_size, full=True)
+    n = len(shard)
+    sums = torch.tensor([n, hit_rate(ranks["candidates"], 1) * n, hit_rate(ranks["full"], 10) * n,
+                         ndcg(ranks["full"], 10) * n], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    total = max(float(sums[0]), 1.0)
+    return {METRIC: float(sums[1]) / total, "valid_hr10": float(sums[2]) / total,
+            "valid_ndcg10": float(sums[3]) / total}
+
+
+class _Engine:
+    """DDP or DeepSpeed behind one interface: step(batch) -> losses, module, optimizer."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], strategy: str, cfg, device: torch.device):
+        self.strategy = strategy
+        self.module = model
+        if strategy == "deepspeed":
+            import deepspeed
+
+            ds_config = {
+                "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 5.0,
+                "zero_optimization": {"stage": cfg.trainer.zero_stage},
+                "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            }
+            # A client AdamW: DeepSpeed's fused CPU Adam would compile C++ ops on first use (~90 s).
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.trainer.weight_decay)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                     config=ds_config)
+        else:
+            import ray.train.torch
+
+            self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.trainer.weight_decay)
+            # Unused parameters happen legitimately (a batch without any image item in stage 3).
+            self.engine = ray.train.torch.prepare_model(
+                model, move_to_device=device, parallel_strategy="ddp" if _world() > 1 else None,
+                parallel_strategy_kwargs={"find_unused_parameters": True} if _world() > 1 else None)
+
+    def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str) -> dict[str, float]:
+        if self.strategy != "deepspeed":
+            return train_step(self.engine, self.optimizer, batch, features, active, step=step, seed=seed,
+                              loss_pool=loss_pool, max_grad_norm=5.0)
+        self.engine.train()
+        device = features.text.device
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        out = self.engine(batch["history"].to(device), batch["target"].to(device),
+                          None if loss_pool == "catalog" else batch["candidates"].to(device),
+                          features, list(active), generator)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in out.items()}
+
+
+def _world() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_size()
+
+
+def _save(model, optimizer, meta: dict[str, Any], strategy: str) -> str:
+    """Write a checkpoint to a fresh local folder (rank 0). DDP also keeps the optimizer moments;
+    DeepSpeed partitions them over ranks, so its resume restores weights and loop state only."""
+    directory = tempfile.mkdtemp(prefix="speeder-ckpt-")
+    save_checkpoint(directory, model, meta, optimizer=optimizer if strategy == "ddp" else None)
+    return directory
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point run by Ray Train on every worker for one stage."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = from_dict(loop_config["config"])
+    t = cfg.trainer
+    stage = stage_from_index(loop_config["stage"], cfg.model.use_mpo)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop_config.get("threads", 1))
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    strategy = resolve_strategy(t.strategy, t.use_gpu)
+    if strategy == "deepspeed" and not t.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    features = load_item_features(cfg.data.uri, cfg.featurize.name).to(device)
+    available = available_modalities(features)
+    active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
+    valid = load_samples(cfg.data.uri, "valid", cfg.model.max_history)
+    model = build_from_config(cfg.model, features.dims(), seed=t.seed).to(device)
+    groups = apply_stage(model, stage, lr=t.lr, lora_lr=t.lora_lr, text_lr_scale=t.text_lr_scale,
+                         weight_decay=t.weight_decay)
+
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0}
+    resume = ray.train.get_checkpoint()
+    optimizer_for_load = None
+    engine = None
+    if strategy == "ddp":
+        engine = _Engine(model, groups, strategy, cfg, device)
+        optimizer_for_load = engine.optimizer
+    if resume is not None:
+        with resume.as_directory() as d:
+            meta = load_checkpoint(d, model, optimizer_for_load)
+        state.update(meta["train_state"])
+        if rank == 0:
+            log.info("stage %d resumes from its checkpoint at epoch %d step %d", stage.index, state["epoch"],
+                     state["step"])
+    elif loop_config.get("init_checkpoint"):
+        with tempfile.TemporaryDirectory() as d:
+            storage.download_dir(loop_config["init_checkpoint"], d)
+            load_checkpoint(d, model)
+        if rank == 0:
+            log.info("stage %d starts from %s", stage.index, loop_config["init_checkpoint"])
+    if engine is None:
+        engine = _Engine(model, groups, strategy, cfg, device)
+
+    steps_per_epoch = loop_config["steps_per_epoch"]
+    total_steps = steps_per_epoch * t.epochs
+    shard = ray.train.get_dataset_shard("train")
+    meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active, "config": to_dict(cfg),
+                 "feature_dims": features.dims(), "backbone": cfg.model.backbone, "strategy": strategy}
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),
+                "metrics": metrics}
+        directory = _save(model, engine.optimizer, meta, strategy) if with_checkpoint and rank == 0 else None
+        ray.train.report({**metrics, "stage": stage.index, "epoch": state["epoch"], "step": state["step"]},
+                         checkpoint=Checkpoint.from_directory(directory) if directory else None)
+
+    while state["epoch"] < t.epochs:
+        epoch = state["epoch"]
+        t0, seen, losses = time.perf_counter(), 0, []
+        batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=max(4 * t.batch_size, 256),
+                                     local_shuffle_seed=t.seed * 1000 + epoch)
+        for i, raw in enumerate(batches):
+            if i >= steps_per_epoch:
+                break
+            if i < state["step_in_epoch"]:
+                continue  # resumed mid-epoch: these batches were already trained on
+            out = engine.step(_batch_tensors(raw, cfg.model.max_history), features, active, step=state["step"],
+                              seed=t.seed, loss_pool=t.loss_pool)
+            state["step"] += 1
+            state["step_in_epoch"] = i + 1
+            seen += t.batch_size * world
+            losses.append(out["loss"])
+            if rank == 0 and (state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch):
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                left = (total_steps - (epoch * steps_per_epoch + i + 1)) * t.batch_size * world / max(rate, 1e-9)
+                log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f ppt %.4f | %.1f samples/s | "
+                         "ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1, steps_per_epoch,
+                         np.mean(losses[-t.log_every:]), out["rec_loss"], out["ppt_loss"], rate, _format_eta(left))
+            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                report({METRIC: -1.0, "train_loss": float(np.mean(losses))}, with_checkpoint=True)
+        metrics = validate(engine.module, valid, features, active, t.eval_batch_size, rank, world)
+        metrics["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+        metrics["samples_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        improved = metrics[METRIC] > state["best"]
+        state.update(epoch=epoch + 1, step_in_epoch=0, best=max(state["best"], metrics[METRIC]),
+                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if rank == 0:
+            log.info("stage %d epoch %d: valid HR@1 %.4f (best %.4f), HR@10 %.4f, NDCG@10 %.4f, %.1f samples/s",
+                     stage.index, epoch + 1, metrics[METRIC], state["best"], metrics["valid_hr10"],
+                     metrics["valid_ndcg10"], metrics["samples_per_s"])
+        report(metrics, with_checkpoint=True)
+        if state["bad_epochs"] >= t.patience:
+            if rank == 0:
+                log.info("stage %d stops early: no better valid HR@1 for %d epoch(s)", stage.index, t.patience)
+            break
