@@ -1,4 +1,5 @@
 import pytest
+
 from speeder_platform.config import ConfigError, from_dict, load_config, to_dict
 
 

@@ -2,6 +2,7 @@ import os
 
 import pyarrow as pa
 import pytest
+
 from speeder_platform import storage
 
 

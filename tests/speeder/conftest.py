@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from testkit.model import make_features, tiny_settings
 
 from speeder.model import build_model
 from speeder.mrc import ItemFeatures
+from testkit.model import make_features, tiny_settings
 
 
 @pytest.fixture

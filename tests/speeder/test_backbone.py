@@ -1,9 +1,9 @@
 import pytest
 import torch
-from testkit.model import make_features, tiny_settings
 
 from speeder.backbone import load_backbone
 from speeder.model import build_model
+from testkit.model import make_features, tiny_settings
 
 
 def test_tiny_preset_is_deterministic_and_frozen() -> None:

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from testkit.model import make_features, tiny_settings
 
 from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from speeder.loop import Samples, evaluate, fit
 from speeder.model import build_model
 from speeder.mpo import STAGES, apply_stage, plan_stages
 from speeder.spae import sample_position_pairs
+from testkit.model import make_features, tiny_settings
 
 ALL = ["text", "vision", "sequence"]
 

@@ -7,8 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from speeder_platform import storage
-from speeder_platform.data import protocol
 
 from speeder.schema import (
     CANDIDATES,
@@ -24,6 +22,8 @@ from speeder.schema import (
     TIMESTAMP,
     USER_ID,
 )
+from speeder_platform import storage
+from speeder_platform.data import protocol
 
 
 def loo_positions(split: str, n: int) -> range:

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
+
+from speeder.schema import IMAGE_URI, INTERACTIONS_FILE, SOURCE_ID, TEXT, TIMESTAMP, TITLE
 from speeder_platform import storage
 from speeder_platform.data.amazon import MAX_TEXT_CHARS
 from speeder_platform.data.prepare import prepare_config_from_args, prepare_dataset
-
-from speeder.schema import IMAGE_URI, INTERACTIONS_FILE, SOURCE_ID, TEXT, TIMESTAMP, TITLE
 
 NUM_USERS = NUM_ITEMS = 12
 PER_USER = 7  # user u reviews items u, u+1, ..., u+6 (mod 12): every item has 7 reviews

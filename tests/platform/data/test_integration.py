@@ -7,9 +7,9 @@ import sys
 
 import pytest
 from PIL import Image
-from speeder_platform import storage
 
 from speeder.schema import IMAGE_URI, IMAGES_DIR, ITEMS_FILE, META_FILE
+from speeder_platform import storage
 
 SPEEDER = os.path.join(os.path.dirname(sys.executable), "speeder")
 COMMAND = [SPEEDER] if os.path.exists(SPEEDER) else [sys.executable, "-m", "speeder_platform.cli"]

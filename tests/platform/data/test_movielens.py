@@ -4,12 +4,12 @@ import os
 import time
 
 import pytest
+
+from speeder.schema import INTERACTIONS_FILE, ITEMS_FILE, SPLITS, SPLITS_DIR
 from speeder_platform import storage
 from speeder_platform.data.movielens import GENRES, recbole_ml100k_dir
 from speeder_platform.data.prepare import prepare_config_from_args, prepare_dataset
 from speeder_platform.data.stats import dataset_stats, format_stats
-
-from speeder.schema import INTERACTIONS_FILE, ITEMS_FILE, SPLITS, SPLITS_DIR
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import os
 
 import pyarrow as pa
 import pytest
+
+from speeder.schema import IMAGE_URI, ITEMS_FILE, META_FILE, SPLITS
 from speeder_platform import storage
 from speeder_platform.config import ConfigError
 from speeder_platform.data.prepare import prepare_config_from_args, prepare_dataset
 from speeder_platform.data.stats import dataset_stats, format_stats
-
-from speeder.schema import IMAGE_URI, ITEMS_FILE, META_FILE, SPLITS
 
 SMALL = ["synthetic.num_users=50", "synthetic.num_items=30", "synthetic.num_categories=3",
          "synthetic.num_colors=2", "synthetic.max_length=12", "synthetic.image_size=16"]

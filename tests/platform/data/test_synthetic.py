@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+
+from speeder.schema import IMAGE_URI, INTERACTIONS_FILE, ITEM_ID, ITEMS_FILE, SOURCE_ID, TEXT, TITLE
 from speeder_platform import storage
 from speeder_platform.config import SyntheticConfig
 from speeder_platform.data.prepare import prepare_config_from_args, prepare_dataset
@@ -17,8 +19,6 @@ from speeder_platform.data.synthetic import (
     synthetic_catalog,
     user_sequences,
 )
-
-from speeder.schema import IMAGE_URI, INTERACTIONS_FILE, ITEM_ID, ITEMS_FILE, SOURCE_ID, TEXT, TITLE
 
 SMALL = ["synthetic.num_users=60", "synthetic.num_items=40", "synthetic.num_categories=4",
          "synthetic.num_colors=2", "synthetic.min_length=8", "synthetic.max_length=16",
