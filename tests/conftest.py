@@ -70,3 +70,17 @@ def s3_bucket(s3_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One embedded local Ray (2 CPUs, loopback) shared by every test that needs Ray."""
+    import ray
+
+    from speeder_platform.ray_utils import ensure_ray
+
+    ensure_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -90,6 +90,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    from speeder_platform.featurize import run_featurize
+
+    cfg = _config(args)
+    if args.incremental:
+        cfg.featurize.incremental = True
+    report = run_featurize(cfg)
+    sys.stdout.write(report.summary() + "\n")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from speeder_platform.score import run_score
+
+    report = run_score(_config(args))
+    sys.stdout.write(report.summary() + "\n")
+    return 0
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from speeder_platform.jobs import run_job
+
+    return run_job(args.spec, args.overrides, address=args.address, runtime_env_file=args.runtime_env)
+
+
 def _add_config_command(sub, name: str, help_text: str, func: Callable[[argparse.Namespace], int]):
     cmd = sub.add_parser(name, help=help_text)
     cmd.add_argument("config", help="a job spec / config YAML (jobs/*.yaml)")
@@ -133,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = _add_config_command(sub, "evaluate", "test-split metrics, both protocols (JSON + markdown)",
                              _cmd_evaluate)
     ev.add_argument("--checkpoint", help="checkpoint URI (default: the run's final checkpoint)")
+    fz = _add_config_command(sub, "featurize", "encode item text, images and sequences with Ray Data actor pools",
+                             _cmd_featurize)
+    fz.add_argument("--incremental", action="store_true", help="only items missing from the features table")
+    _add_config_command(sub, "score", "nightly batch scoring: top-K for every user, one date partition",
+                        _cmd_score)
+
+    job = sub.add_parser("job", help="run a job spec's steps on local Ray, or submit it to a cluster")
+    job.add_argument("spec", help="a job spec (jobs/*.yaml)")
+    job.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. output_root=s3://bucket/run")
+    job.add_argument("--address", help="submit to this Ray cluster's job server (http://head:8265)")
+    job.add_argument("--runtime-env", help="runtime_env YAML for submission (default: runtime_env.yaml "
+                     "beside the spec)")
+    job.set_defaults(func=_cmd_job)
     return p
 
 

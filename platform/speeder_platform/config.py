@@ -161,7 +161,7 @@ class EvaluateConfig:
 class ScoreConfig:
     k: int = 10
     date: str | None = None  # YYYY-MM-DD; None: today (UTC)
-    split: str = "test"  # whose histories to score (test = each user's full history but the last item)
+    input: str | None = None  # parquet of (user_id, history); None: every user's latest interactions
     checkpoint: str | None = None
     out: str = "${output_root}/scores"
     batch_size: int = 64
@@ -269,7 +269,6 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _positive("trainer.cpus_per_worker", t.cpus_per_worker)
     _positive("trainer.patience", t.patience)
     _choice("evaluate.split", cfg.evaluate.split, ("valid", "test"))
-    _choice("score.split", cfg.score.split, ("train", "valid", "test"))
     for name in ("k", "batch_size", "num_actors", "actor_num_cpus"):
         _positive(f"score.{name}", getattr(cfg.score, name))
     if cfg.score.date is not None:

@@ -41,3 +41,27 @@ def write_random_features(dataset: str, name: str = "default", dims: tuple[int, 
     uri = features_uri(dataset, name)
     storage.write_table(table, uri)
     return uri
+
+
+def tiny_config(output_root: str, *overrides: str):
+    """A config for tiny end-to-end runs on the synthetic set (tiny-llama, small MRC, 1 worker)."""
+    return load_config(None, [f"output_root={output_root}", "model.max_history=8", "model.mrc.hidden_size=32",
+                              "model.mrc.num_layers=1", "trainer.num_workers=1", "trainer.epochs=1",
+                              "trainer.batch_size=16", "trainer.log_every=5", "featurize.text_encoder=hashing",
+                              "featurize.sasrec.epochs=2", "score.k=5", *overrides])
+
+
+def write_checkpoint(cfg, directory: str, stage: int = 3, seed: int = 0) -> str:
+    """A checkpoint of an untrained model built from `cfg` on the dataset's features (no Ray needed)."""
+    from speeder.checkpoint import save_checkpoint
+    from speeder_platform.config import to_dict
+    from speeder_platform.modeling import build_from_config
+    from speeder_platform.tables import available_modalities, load_item_features
+
+    features = load_item_features(cfg.data.uri, cfg.featurize.name)
+    model = build_from_config(cfg.model, features.dims(), seed=seed)
+    active = [m for m in ("text", "vision", "sequence") if m in available_modalities(features)]
+    save_checkpoint(directory, model, {"stage": stage, "stage_name": "test", "step": 0, "epoch": 0,
+                                       "modalities": active, "config": to_dict(cfg),
+                                       "feature_dims": features.dims(), "metrics": {}})
+    return directory

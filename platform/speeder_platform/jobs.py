@@ -1,0 +1,167 @@
+"""`speeder job SPEC.yaml`: run a job spec's steps on an embedded local Ray, or submit it to a cluster.
+
+    speeder job jobs/smoke.yaml                                   # local Ray, everything under runs/smoke
+    speeder job jobs/smoke.yaml output_root=s3://bucket/smoke     # same, outputs on object storage
+    speeder job jobs/train.yaml --address http://head:8265        # submitted through JobSubmissionClient
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- jobs/train.yaml
+
+A spec is a config file with a `steps` list (prepare, featurize, train, evaluate, score) and a
+shebang first line (`#!/usr/bin/env -S speeder job`) that YAML reads as a comment, so the spec is
+itself an executable entrypoint for Ray's own CLI. Inside a Ray job (RAY_ADDRESS set by the job
+supervisor) `speeder job` joins that cluster instead of starting a local Ray.
+
+Re-running a spec continues it: prepare and featurize are skipped when their outputs exist with the
+same settings, training skips finished stages and resumes the unfinished one from its checkpoint;
+evaluate and score always run (they are idempotent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from speeder_platform import storage
+from speeder_platform.config import SpeederConfig, load_config, to_dict
+
+log = logging.getLogger("speeder.job")
+
+PREPARED_MARKER = "_prepared.json"  # the prepare settings a dataset was made with
+DEFAULT_EXCLUDES = [".git", ".venv", "runs", "test-artifacts", "**/__pycache__", "*.egg-info"]
+
+
+def _prepare_step(cfg: SpeederConfig) -> dict[str, Any]:
+    from speeder_platform.data.prepare import prepare_dataset
+
+    marker = storage.join(cfg.data.uri, PREPARED_MARKER)
+    settings = to_dict(cfg.prepare)
+    if storage.exists(marker) and storage.read_json(marker) == settings:
+        log.info("prepare: %s already holds this dataset (same settings); skipping", cfg.data.uri)
+        return {"skipped": True}
+    report = prepare_dataset(cfg.prepare, cfg.data.uri)
+    storage.write_json(marker, settings)
+    log.info("prepare: %s", report.summary())
+    return {"users": report.users, "items": report.items, "interactions": report.interactions}
+
+
+def _featurize_step(cfg: SpeederConfig) -> dict[str, Any]:
+    from speeder_platform.featurize import run_featurize
+
+    return run_featurize(cfg).to_dict()
+
+
+def _train_step(cfg: SpeederConfig) -> dict[str, Any]:
+    from speeder_platform.train import run_training
+
+    summary = run_training(cfg)
+    log.info("train: final checkpoint %s\n%s", summary.checkpoint, summary.table())
+    return {"checkpoint": summary.checkpoint, "stages": summary.stages}
+
+
+def _evaluate_step(cfg: SpeederConfig) -> dict[str, Any]:
+    from speeder_platform.evaluate import run_evaluate
+
+    return run_evaluate(cfg)
+
+
+def _score_step(cfg: SpeederConfig) -> dict[str, Any]:
+    from speeder_platform.score import run_score
+
+    return run_score(cfg).to_dict()
+
+
+STEP_FUNCTIONS = {"prepare": _prepare_step, "featurize": _featurize_step, "train": _train_step,
+                  "evaluate": _evaluate_step, "score": _score_step}
+
+
+def run_steps(cfg: SpeederConfig) -> dict[str, Any]:
+    """Run the spec's steps in order on the current (or a new local) Ray; writes job_summary.json."""
+    from speeder_platform.ray_utils import ensure_ray
+
+    if not cfg.steps:
+        raise ValueError("steps: the spec lists no steps (prepare, featurize, train, evaluate, score)")
+    where = ensure_ray(cfg) if any(s in ("featurize", "train", "score") for s in cfg.steps) else "none"
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"output_root": cfg.output_root, "ray": where, "steps": {}}
+    for step in cfg.steps:
+        s0 = time.perf_counter()
+        log.info("== step %s", step)
+        result = STEP_FUNCTIONS[step](cfg)
+        summary["steps"][step] = {"seconds": round(time.perf_counter() - s0, 1), "result": result}
+        log.info("== step %s done in %.1fs", step, time.perf_counter() - s0)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    storage.write_json(storage.join(cfg.output_root, "job_summary.json"), summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Where the time went and where the outputs are."""
+    lines = [f"job finished in {summary['seconds']:.0f}s (Ray: {summary['ray']}); outputs under "
+             f"{summary['output_root']}"]
+    for step, info in summary["steps"].items():
+        lines.append(f"  {step:<10} {info['seconds']:>7.1f}s")
+    return "\n".join(lines)
+
+
+def load_runtime_env(spec_path: str, explicit: str | None, cfg: SpeederConfig) -> dict[str, Any]:
+    """runtime_env for submission: jobs/runtime_env.yaml (or --runtime-env FILE), then the spec's own
+    `runtime_env:` keys on top. working_dir defaults to the current folder."""
+    path = Path(explicit) if explicit else Path(spec_path).with_name("runtime_env.yaml")
+    env: dict[str, Any] = {"working_dir": ".", "excludes": list(DEFAULT_EXCLUDES)}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a runtime_env file must hold a mapping")
+        env.update(loaded)
+    elif explicit:
+        raise FileNotFoundError(f"runtime env file not found: {explicit}")
+    env.update(cfg.runtime_env)
+    return env
+
+
+def submit(spec_path: str, overrides: list[str], address: str, runtime_env_file: str | None = None,
+           wait: bool = True) -> int:
+    """Submit `speeder job SPEC overrides` to a cluster's job server and stream its logs; exit code."""
+    import asyncio
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    cfg = load_config(spec_path, overrides)  # fail fast on a bad spec, before anything is uploaded
+    runtime_env = load_runtime_env(spec_path, runtime_env_file, cfg)
+    rel = os.path.relpath(spec_path, runtime_env.get("working_dir", "."))
+    entrypoint = shlex.join(["speeder", "job", rel, *overrides])
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    log.info("submitted %s as %s to %s", entrypoint, job_id, address)
+    if not wait:
+        sys.stdout.write(job_id + "\n")
+        return 0
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    log.info("job %s: %s", job_id, status)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def run_job(spec_path: str, overrides: list[str], address: str | None = None,
+            runtime_env_file: str | None = None) -> int:
+    if address:
+        return submit(spec_path, overrides, address, runtime_env_file)
+    cfg = load_config(spec_path, overrides)
+    summary = run_steps(cfg)
+    sys.stdout.write(format_summary(summary) + "\n")
+    sys.stdout.write(json.dumps({k: v["result"] for k, v in summary["steps"].items()}, indent=1,
+                                default=str)[:4000] + "\n")
+    return 0
