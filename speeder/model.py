@@ -47,7 +47,8 @@ class ScoringHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.proj.weight)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(init_temperature)]))
 
     def user_vectors(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(h), dim=-1)  # (B, D)

@@ -115,7 +115,7 @@ class MRC(nn.Module):
                                        if self.feature_dims.get(m, 0) > 0})
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), d))
         nn.init.normal_(self.modality_embed, std=0.02)
-        self.vision_gate = nn.Parameter(torch.zeros(()))  # g_v: tanh(0) = 0, vision starts silent
+        self.vision_gate = nn.Parameter(torch.zeros(1))  # g_v: tanh(0) = 0, vision starts silent
         self.blocks = nn.ModuleList(MoMEBlock(d, num_heads, dropout) for _ in range(num_layers))
         self.fusion_query = nn.Parameter(torch.randn(d) * 0.02)
         self.fusion = nn.MultiheadAttention(d, num_heads, dropout=dropout, batch_first=True)
@@ -123,7 +123,7 @@ class MRC(nn.Module):
         self.output = nn.Sequential(nn.Linear(d, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
         # Item tokens enter the LLM beside word embeddings: match their per-coordinate scale.
         self.output_norm = nn.LayerNorm(d_llm, elementwise_affine=False)
-        self.output_scale = nn.Parameter(torch.tensor(float(embed_scale)))
+        self.output_scale = nn.Parameter(torch.tensor([float(embed_scale)]))
 
     def forward(self, features: ItemFeatures, active: Iterable[str]) -> torch.Tensor:
         """features of N items -> item tokens (N, d_llm)."""

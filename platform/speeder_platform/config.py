@@ -127,6 +127,7 @@ class TrainerConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # None: 1, or less on a small machine so Ray Data keeps a CPU
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
     strategy: str = "auto"  # auto (DeepSpeed on GPUs, DDP on CPU) | ddp | deepspeed
     zero_stage: int = 2
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -255,6 +256,7 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _choice("trainer.strategy", t.strategy, ("auto", "ddp", "deepspeed"))
     _choice("trainer.zero_stage", t.zero_stage, (1, 2, 3))
     _choice("trainer.loss_pool", t.loss_pool, ("catalog", "candidates"))
+    _choice("trainer.placement_strategy", t.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     if not t.stages:
         raise ConfigError("trainer.stages: needs at least one stage")
     for i, s in enumerate(t.stages):

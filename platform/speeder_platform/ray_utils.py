@@ -58,8 +58,10 @@ def ensure_ray(cfg: SpeederConfig | None = None) -> str:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     num_cpus = cfg.ray.num_cpus if cfg is not None else None
     log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus or "all")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+    # The dashboard (on loopback) serves the state API that Ray Train's placement-group cleaner polls;
+    # without it the cleaner cannot work and floods the log with "Failed to query ... actor state".
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
     return "local"
 
 

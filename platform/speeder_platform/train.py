@@ -122,7 +122,8 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
             train_loop_config={"config": to_dict(cfg), "stage": stage.index, "init_checkpoint": init,
                                "steps_per_epoch": steps, "threads": max(1, int(cpus))},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                         resources_per_worker={"CPU": cpus}),
+                                         resources_per_worker={"CPU": cpus},
+                                         placement_strategy=t.placement_strategy),
             run_config=RunConfig(
                 name=f"{t.run_name}-stage{stage.index}",
                 storage_path=storage_path,

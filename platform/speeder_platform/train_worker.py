@@ -100,6 +100,11 @@ class _Engine:
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.trainer.weight_decay)
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      config=ds_config)
+            if self.engine.global_rank == 0:
+                log.info("DeepSpeed ZeRO-%d on %s (%s backend), client AdamW, micro-batch %d, bf16 %s",
+                         cfg.trainer.zero_stage, deepspeed.get_accelerator().device_name(),
+                         deepspeed.get_accelerator().communication_backend_name(), cfg.trainer.batch_size,
+                         ds_config["bf16"]["enabled"])
         else:
             import ray.train.torch
 
@@ -163,7 +168,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     groups = apply_stage(model, stage, lr=t.lr, lora_lr=t.lora_lr, text_lr_scale=t.text_lr_scale,
                          weight_decay=t.weight_decay)
 
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0}
+    # Loop state, saved in every checkpoint; "resumes" counts restarts from this stage's own checkpoints.
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0, "resumes": 0}
     resume = ray.train.get_checkpoint()
     optimizer_for_load = None
     engine = None
@@ -174,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with resume.as_directory() as d:
             meta = load_checkpoint(d, model, optimizer_for_load)
         state.update(meta["train_state"])
+        state["resumes"] += 1
         if rank == 0:
             log.info("stage %d resumes from its checkpoint at epoch %d step %d", stage.index, state["epoch"],
                      state["step"])
