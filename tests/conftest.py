@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from testkit.net import free_port
 
 # Nothing in the tests may reach the internet, and tiny models run far faster on one thread.
 os.environ.update(
@@ -25,12 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +68,22 @@ def s3_bucket(s3_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One embedded local Ray (2 CPUs, loopback) shared by every test that needs Ray."""
+def _ray_session() -> Iterator[None]:
     import ray
 
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session: None, s3_server: str) -> None:
+    """The embedded local Ray (2 CPUs, loopback), started once and shared by every test that needs it.
+
+    It depends on the S3 server so that Ray's workers inherit its endpoint and credentials (worker
+    environments are fixed when Ray starts). A test that shuts Ray down (to start a cluster of its
+    own) gets it back in the next test.
+    """
     from speeder_platform.ray_utils import ensure_ray
 
     ensure_ray()
-    try:
-        yield
-    finally:
-        ray.shutdown()

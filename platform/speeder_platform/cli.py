@@ -109,6 +109,28 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from speeder_platform.serve import run_serve
+
+    return run_serve(_config(args), args.checkpoint)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from speeder_ui.app import run_ui
+
+    return run_ui(args.config, args.overrides, endpoint=args.endpoint, checkpoint=args.checkpoint,
+                  compare=args.compare, port=args.port)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from speeder_platform.bench_serve import format_report, run_bench_serve
+
+    report = run_bench_serve(_config(args), args.checkpoint, requests=args.requests, concurrency=args.concurrency,
+                             k=args.k, out=args.out)
+    sys.stdout.write(format_report(report) + "\n")
+    return 0
+
+
 def _cmd_job(args: argparse.Namespace) -> int:
     from speeder_platform.jobs import run_job
 
@@ -163,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--incremental", action="store_true", help="only items missing from the features table")
     _add_config_command(sub, "score", "nightly batch scoring: top-K for every user, one date partition",
                         _cmd_score)
+
+    srv = _add_config_command(sub, "serve", "the recommendation HTTP API on Ray Serve (127.0.0.1:serve.port), "
+                              "until Ctrl-C", _cmd_serve)
+    srv.add_argument("--checkpoint", help="checkpoint URI (default: serve.checkpoint, else the run's final one)")
+    ui = sub.add_parser("ui", help="the Gradio demo on 127.0.0.1 (in-process model, or --endpoint of `speeder serve`)")
+    ui.add_argument("config", nargs="?", help="a job spec / config YAML (the model's run and dataset)")
+    ui.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. serve.max_k=20")
+    ui.add_argument("--endpoint", help="a running Serve API (http://127.0.0.1:8000) instead of an in-process model")
+    ui.add_argument("--checkpoint", help="in-process checkpoint URI (default: the run's final one)")
+    ui.add_argument("--compare", help="a second model side by side: stageN of the run, a checkpoint URI or an "
+                    "endpoint URL")
+    ui.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")
+    ui.set_defaults(func=_cmd_ui)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    bserve = _add_config_command(bsub, "serve", "Serve throughput and p50/p99 latency, batching on vs off",
+                                 _cmd_bench_serve)
+    bserve.add_argument("--checkpoint", help="checkpoint URI (default: serve.checkpoint, else the run's final one)")
+    bserve.add_argument("--requests", type=int, default=200, help="requests per mode (default 200)")
+    bserve.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default 16)")
+    bserve.add_argument("--k", type=int, default=10, help="top-K per request (default 10)")
+    bserve.add_argument("--out", help="write the figures as JSON here (local path or s3://)")
 
     job = sub.add_parser("job", help="run a job spec's steps on local Ray, or submit it to a cluster")
     job.add_argument("spec", help="a job spec (jobs/*.yaml)")

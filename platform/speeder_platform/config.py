@@ -181,6 +181,10 @@ class ServeConfig:
     max_history: int = 200  # longer histories are refused (the model reads the last max_history)
     max_k: int = 100
     max_batch_requests: int = 256  # histories per POST /recommend/batch
+    max_body_bytes: int = 2_097_152  # larger request bodies get a 413 before any parsing
+    replica_num_cpus: float = 1.0
+    replica_num_gpus: float = 0.0
+    max_ongoing_requests: int = 64  # per replica; Serve queues or rejects beyond it
 
 
 @dataclass
@@ -283,8 +287,10 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     s = cfg.serve
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port: {s.port} is not a TCP port")
-    for name in ("num_replicas", "max_batch_size", "max_history", "max_k", "max_batch_requests"):
+    for name in ("num_replicas", "max_batch_size", "max_history", "max_k", "max_batch_requests", "max_body_bytes",
+                 "replica_num_cpus", "max_ongoing_requests"):
         _positive(f"serve.{name}", getattr(s, name))
+    _positive("serve.replica_num_gpus", s.replica_num_gpus, allow_zero=True)
     return cfg
 
 

@@ -1,0 +1,219 @@
+"""The recommendation API on a real Ray Serve instance on loopback: good, bad and hostile requests.
+
+One Serve application for the whole module (deploying costs seconds), shut down at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_session: None):
+    """Serve on 127.0.0.1:<free port> with a tiny untrained checkpoint; yields (base URL, port, items)."""
+    from ray import serve
+
+    from speeder_platform import storage
+    from speeder_platform.serve import serve_settings, start
+
+    root = tmp_path_factory.mktemp("serve")
+    data = prepare_synthetic(str(root / "data"))
+    write_random_features(data)
+    cfg = tiny_config(str(root), f"data.uri={data}", "serve.max_history=12", "serve.max_k=20",
+                      "serve.max_batch_requests=8", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2")
+    ckpt = write_checkpoint(cfg, str(root / "ckpt"))
+    port = _free_port()
+    url = start(cfg, serve_settings(cfg, ckpt), port=port, name="speeder-test")
+    items = storage.read_table(storage.join(data, "items.parquet")).to_pylist()
+    try:
+        yield url, port, items
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server) -> httpx.Client:
+    with httpx.Client(base_url=server[0], timeout=60) as client:
+        yield client
+
+
+def test_recommend_by_item_and_source_ids(http: httpx.Client, server) -> None:
+    items = server[2]
+    r = http.post("/recommend", json={"history": [0, items[1]["source_id"], 2], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["history"] == [0, 1, 2] and body["model_version"].startswith("speeder/stage3")
+    recs = body["items"]
+    assert len(recs) == 5 and not {0, 1, 2} & {x["item_id"] for x in recs}
+    assert [x["score"] for x in recs] == sorted((x["score"] for x in recs), reverse=True)
+    first = recs[0]
+    assert first["title"] == items[first["item_id"]]["title"] and first["source_id"]
+    if first["image_url"]:
+        image = http.get(first["image_url"])
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+
+
+def test_candidates_batch_items_search_health_metadata(http: httpx.Client, server) -> None:
+    items = server[2]
+    r = http.post("/recommend", json={"history": [0], "k": 3, "candidates": [4, 5, 6, 7]})
+    assert r.status_code == 200 and {x["item_id"] for x in r.json()["items"]} <= {4, 5, 6, 7}
+    r = http.post("/recommend/batch", json={"histories": [[0, 1], [2], [3, 4, 5]], "k": 2})
+    assert r.status_code == 200, r.text
+    assert [len(x["items"]) for x in r.json()["results"]] == [2, 2, 2]
+    assert http.get("/items/7").json()["title"] == items[7]["title"]
+    found = http.get("/items", params={"q": items[9]["title"]}).json()["items"]
+    assert found[0]["item_id"] == 9
+    assert http.get("/healthz").json()["status"] == "ok"
+    meta = http.get("/metadata").json()
+    assert meta["stage"] == 3 and meta["num_items"] == len(items) and "train_metrics" in meta
+    assert meta["serve"]["max_batch_size"] == 8 and meta["limits"]["max_history"] == 12
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/recommend", {"history": []}, 422, "history"),
+    ("/recommend", {"history": list(range(13))}, 422, "history"),
+    ("/recommend", {"history": [0, 10_000]}, 422, "history[1]"),
+    ("/recommend", {"history": [0, "no-such-source-id"]}, 422, "history[1]"),
+    ("/recommend", {"history": [0, [1]]}, 422, "history[1]"),
+    ("/recommend", {"history": "0 1 2"}, 422, "history"),
+    ("/recommend", {"history": [0], "k": 0}, 422, "k"),
+    ("/recommend", {"history": [0], "k": 21}, 422, "k"),
+    ("/recommend", {"history": [0], "k": "ten"}, 422, "k"),
+    ("/recommend", {"history": [0], "exclude_history": 1}, 422, "exclude_history"),
+    ("/recommend", {"history": [0], "candidates": [1, -2]}, 422, "candidates[1]"),
+    ("/recommend", {"history": [0], "user": 3}, 422, "user"),
+    ("/recommend", {"k": 3}, 422, "history"),
+    ("/recommend", [0, 1], 422, "body"),
+    ("/recommend/batch", {"histories": []}, 422, "histories"),
+    ("/recommend/batch", {"histories": [[0]] * 9}, 422, "histories"),
+    ("/recommend/batch", {"histories": [[0], [5, 10_000]]}, 422, "histories[1][1]"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(http: httpx.Client, path: str, body, status: int, field: str) -> None:
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and r.json()["detail"].startswith(f"{field}: ")
+
+
+def test_malformed_requests(http: httpx.Client) -> None:
+    r = http.post("/recommend", content=b'{"history": [0,', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    r = http.get("/items/not-a-number")
+    assert r.status_code == 422 and r.json()["field"] == "id"
+    r = http.get("/items/99999")
+    assert r.status_code == 404 and r.json()["field"] == "id"
+    r = http.get("/items", params={"q": "x", "limit": 0})
+    assert r.status_code == 422 and r.json()["field"] == "limit"
+    assert http.get("/recommend").status_code == 405
+
+
+def test_hostile_payloads_get_4xx_and_the_replica_survives(http: httpx.Client) -> None:
+    pid_before = http.get("/metadata").json()["serve"]["pid"]
+    ten_mb = b'{"history": [' + b"1," * (5 * 1024 * 1024) + b'1]}'
+    r = http.post("/recommend", content=ten_mb, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+    def streamed():  # chunked transfer: no Content-Length, the server has to count
+        for _ in range(10):
+            yield b" " * (1024 * 1024)
+
+    r = http.post("/recommend", content=streamed(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    deep = b'{"history": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    r = http.post("/recommend", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "recursion" in r.json()["detail"]
+    r = http.post("/recommend", json={"history": [0], "k": -5})
+    assert r.status_code == 422 and r.json()["field"] == "k"
+    r = http.post("/recommend", json={"history": list(range(50)) * 2000})  # 100,000 ids, ~390 KB
+    assert r.status_code == 422 and r.json()["field"] == "history"
+    r = http.post("/recommend", json={"history": [0], "k": 10**30})
+    assert r.status_code == 422 and r.json()["field"] == "k"
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/metadata").json()["serve"]["pid"] == pid_before  # the same replica process
+    assert http.post("/recommend", json={"history": [0, 1], "k": 3}).status_code == 200
+
+
+def test_concurrent_requests_are_batched(http: httpx.Client, server) -> None:
+    before = http.get("/metadata").json()["batching"]
+    n = 16
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=server[0], timeout=60) as c:
+            return c.post("/recommend", json={"history": [i % 10, (i + 3) % 10], "k": 3}).status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(one, range(n)))
+    assert codes == [200] * n
+    after = http.get("/metadata").json()["batching"]
+    requests = after["requests"] - before["requests"]
+    forwards = after["forwards"] - before["forwards"]
+    assert requests == n
+    assert forwards < n and after["max_batch"] > 1, (forwards, after)
+
+
+def test_http_port_listens_on_loopback_only(server) -> None:
+    port = server[1]
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    local = [line.split()[3] for line in out.splitlines() if line.strip()]
+    assert local, f"nothing listens on port {port}"
+    assert all(addr.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for addr in local), local
+
+
+def test_openapi_lists_the_routes(http: httpx.Client) -> None:
+    paths = set(json.loads(http.get("/openapi.json").text)["paths"])
+    assert {"/recommend", "/recommend/batch", "/items", "/items/{item_id}", "/healthz", "/metadata"} <= paths
+
+
+def test_the_demo_talks_to_the_endpoint(server) -> None:
+    from speeder_platform.recommender import RequestError
+    from speeder_ui.app import HttpBackend
+
+    url, _, items = server
+    backend = HttpBackend(url)
+    recs = backend.recommend([0, 1], 4, True)
+    assert len(recs) == 4 and not {0, 1} & {r["item_id"] for r in recs}
+    assert backend.search(items[3]["title"], 5)[0]["item_id"] == 3
+    assert backend.item(3)["source_id"] == items[3]["source_id"]
+    assert backend.metadata()["num_items"] == len(items)
+    with_image = next(i for i, it in enumerate(items) if it["image_uri"])
+    assert backend.image(with_image)[1] == "image/png"
+    with pytest.raises(RequestError) as err:
+        backend.recommend([0, 10_000], 4, True)
+    assert err.value.field == "history[1]" and err.value.status == 422
+    assert str(err.value).startswith("history[1]: unknown item id 10000")
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve-smoke.yaml"])
+def test_serve_config_files(name: str) -> None:
+    import pathlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from speeder_platform.config import load_config
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    text = (root / "jobs" / name).read_text()
+    assert f"serve run jobs/{name}" in text  # the header says how to run it
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    assert config.http_options.host == "127.0.0.1" and config.http_options.port == 8000
+    (app,) = config.applications
+    assert app.import_path == "speeder_platform.serve:build_app" and app.route_prefix == "/"
+    assert set(app.args) <= {"config", "overrides", "checkpoint", "max_body_bytes"}
+    load_config(str(root / app.args["config"]), app.args.get("overrides"))
+    assert [d.name for d in app.deployments] == ["SpeederServer"]
