@@ -59,20 +59,49 @@ class Samples:
                    "candidates": torch.from_numpy(self.candidates[idx])}
 
 
+class NegativeCache:
+    """The catalog's item tokens without gradients, refreshed every `refresh_every` steps.
+
+    With the catalog softmax, MRC over every item at every step costs more than the LLM for small
+    backbones; with the cache only the batch's own items pass through MRC with gradients, and the
+    other N - K logits use tokens at most `refresh_every` steps old. refresh_every=0 disables it.
+    """
+
+    def __init__(self, refresh_every: int) -> None:
+        self.refresh_every = refresh_every
+        self.table: torch.Tensor | None = None
+        self.refreshed_at = -1
+
+    def get(self, module: nn.Module, features: ItemFeatures, active: Iterable[str], step: int) -> torch.Tensor | None:
+        if self.refresh_every <= 0:
+            return None
+        if self.table is None or step - self.refreshed_at >= self.refresh_every:
+            was_training = module.training
+            with torch.no_grad():
+                module.eval()  # no dropout in the cached tokens
+                self.table = module.item_tokens(features, list(active))
+            module.train(was_training)
+            self.refreshed_at = step
+        return self.table
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                features: ItemFeatures, active: Iterable[str], *, step: int, seed: int = 0,
-               loss_pool: str = "catalog", max_grad_norm: float | None = 5.0) -> dict[str, float]:
+               loss_pool: str = "catalog", max_grad_norm: float | None = 5.0,
+               cache: NegativeCache | None = None) -> dict[str, float]:
     """One optimisation step; returns the losses as floats.
 
     `model` may be a DDP wrapper around SpeederModel (its forward computes the losses, so gradient
     synchronisation happens). The PPT pair sampler is seeded from (seed, step): reproducible runs.
     """
+    module = getattr(model, "module", model)
+    cached = cache.get(module, features, active, step) if cache is not None and loss_pool == "catalog" else None
     model.train()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     device = features.text.device
     out = model(batch["history"].to(device), batch["target"].to(device),
                 None if loss_pool == "catalog" else batch["candidates"].to(device),
-                features, list(active), generator)
+                features, list(active), generator, cached)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if max_grad_norm is not None:
@@ -135,14 +164,16 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
         active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
-        log_every: int = 50, max_steps: int | None = None) -> list[dict[str, float]]:
+        log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0) -> list[dict[str, float]]:
     """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
     history = []
     step = 0
+    cache = NegativeCache(negative_cache_steps)
     for epoch in range(epochs):
         t0, losses, seen = time.perf_counter(), [], 0
         for batch in train.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
-            out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool)
+            out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool,
+                             cache=cache)
             losses.append(out["loss"])
             seen += len(batch["target"])
             step += 1

@@ -121,11 +121,23 @@ class SpeederModel(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, history: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None,
-                features: ItemFeatures, active: list[str],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                features: ItemFeatures, active: list[str], generator: torch.Generator | None = None,
+                cached_table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses. history (B, H), target (B,), candidates (B, C) or None for a softmax over
-        the whole catalog -> {"loss", "rec_loss", "ppt_loss"} (scalars)."""
-        if candidates is None:
+        the whole catalog -> {"loss", "rec_loss", "ppt_loss"} (scalars).
+
+        cached_table (N, D), detached: for the catalog softmax, tokens of items this batch does not
+        touch come from it (refreshed by the training loop every few steps), and only the batch's own
+        items (history + target) run through MRC with gradients: cached negatives.
+        """
+        if candidates is None and cached_table is not None:
+            ids = torch.unique(torch.cat([history[history >= 0], target]))
+            fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
+            item_table = cached_table.detach().to(fresh.dtype).index_put((ids,), fresh)  # (N, D)
+            u, hidden, batch = self.user_vectors(history, item_table)
+            logits = self.head.scores(u, item_table.float())  # (B, N)
+            labels = target
+        elif candidates is None:
             item_table = self.item_tokens(features, active)  # (N, D), with gradients into MRC
             u, hidden, batch = self.user_vectors(history, item_table)
             logits = self.head.scores(u, item_table.float())  # (B, N)

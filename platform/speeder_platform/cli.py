@@ -131,6 +131,22 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    import json
+
+    from speeder_platform import storage
+    from speeder_platform.bench_speed import format_report, run_bench_speed
+
+    report = run_bench_speed(backbone=args.backbone, num_layers=args.num_layers, dataset=args.dataset,
+                             history=args.history, train_batch=args.train_batch, train_steps=args.train_steps,
+                             infer_batch=args.infer_batch, infer_batches=args.infer_batches, threads=args.threads)
+    if args.out:
+        storage.write_json(args.out, report)
+    sys.stdout.write(format_report(report) + "\n" + json.dumps({k: report[k] for k in (
+        "tokens_per_sample", "train_speedup", "infer_speedup", "infer_speedup_catalog")}, indent=1) + "\n")
+    return 0
+
+
 def _cmd_job(args: argparse.Namespace) -> int:
     from speeder_platform.jobs import run_job
 
@@ -207,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default 16)")
     bserve.add_argument("--k", type=int, default=10, help="top-K per request (default 10)")
     bserve.add_argument("--out", help="write the figures as JSON here (local path or s3://)")
+    bspeed = bsub.add_parser("speed", help="Speeder vs the multi-token (LLaRA-style) baseline: tokens, train and "
+                             "inference speed, memory; same backbone, one run")
+    bspeed.add_argument("--backbone", default="smollm2-135m")
+    bspeed.add_argument("--num-layers", type=int, help="truncate the backbone to its first N layers")
+    bspeed.add_argument("--dataset", default="runs/bench/ml100k", help="prepared dataset (ML-100K made if missing)")
+    bspeed.add_argument("--history", type=int, default=20)
+    bspeed.add_argument("--train-batch", type=int, default=4)
+    bspeed.add_argument("--train-steps", type=int, default=3, help="timed steps (after one warm-up)")
+    bspeed.add_argument("--infer-batch", type=int, default=8)
+    bspeed.add_argument("--infer-batches", type=int, default=3, help="timed batches (after one warm-up)")
+    bspeed.add_argument("--threads", type=int, default=2)
+    bspeed.add_argument("--out", help="write the figures as JSON here")
+    bspeed.set_defaults(func=_cmd_bench_speed)
 
     job = sub.add_parser("job", help="run a job spec's steps on local Ray, or submit it to a cluster")
     job.add_argument("spec", help="a job spec (jobs/*.yaml)")

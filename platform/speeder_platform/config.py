@@ -141,6 +141,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     text_lr_scale: float = 0.1  # stage 2: text parts train at lr x this (0 freezes them)
     loss_pool: str = "catalog"  # catalog: softmax over every item | candidates: over the 20 candidates
+    negative_cache_steps: int = 10  # catalog softmax: other items' tokens refreshed every N steps (0: every step)
     patience: int = 2  # epochs without a better valid HR@1 before a stage stops
     log_every: int = 20  # steps between progress lines
     checkpoint_every: int | None = None  # also checkpoint every N steps (resume mid-epoch)
@@ -273,6 +274,7 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
         _positive(f"trainer.{name}", getattr(t, name))
     _positive("trainer.text_lr_scale", t.text_lr_scale, allow_zero=True)
     _positive("trainer.cpus_per_worker", t.cpus_per_worker)
+    _positive("trainer.negative_cache_steps", t.negative_cache_steps, allow_zero=True)
     _positive("trainer.patience", t.patience)
     _choice("evaluate.split", cfg.evaluate.split, ("valid", "test"))
     for name in ("k", "batch_size", "num_actors", "actor_num_cpus"):

@@ -38,6 +38,7 @@ def worker_env() -> dict[str, str]:
 
 def ensure_ray(cfg: SpeederConfig | None = None) -> str:
     """Join or start Ray; returns "cluster" or "local"."""
+    address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
     import ray
 
     if not sys.stderr.isatty():
@@ -47,20 +48,17 @@ def ensure_ray(cfg: SpeederConfig | None = None) -> str:
         ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return "cluster" if os.environ.get("RAY_ADDRESS") else "local"
-    address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env()}
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return "cluster"
-    # A local Ray bound to loopback only (observed: without this variable some ports bind to the
-    # external interface even with node_ip_address=127.0.0.1).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     num_cpus = cfg.ray.num_cpus if cfg is not None else None
     log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus or "all")
     # The dashboard (on loopback) serves the state API that Ray Train's placement-group cleaner polls;
     # without it the cleaner cannot work and floods the log with "Failed to query ... actor state".
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": always a new instance, never a cluster some `ray start` left on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
     return "local"
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from speeder.checkpoint import load_checkpoint, save_checkpoint
-from speeder.loop import Samples, catalog_tokens, rank_targets, train_step
+from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, train_step
 from speeder.metrics import hit_rate, ndcg
 from speeder.mpo import ALL_AT_ONCE, STAGES, Stage, apply_stage
 from speeder.prompt import pad_histories
@@ -84,6 +84,7 @@ class _Engine:
     def __init__(self, model: torch.nn.Module, groups: list[dict], strategy: str, cfg, device: torch.device):
         self.strategy = strategy
         self.module = model
+        self.cache = NegativeCache(cfg.trainer.negative_cache_steps)
         if strategy == "deepspeed":
             import deepspeed
 
@@ -117,13 +118,14 @@ class _Engine:
     def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str) -> dict[str, float]:
         if self.strategy != "deepspeed":
             return train_step(self.engine, self.optimizer, batch, features, active, step=step, seed=seed,
-                              loss_pool=loss_pool, max_grad_norm=5.0)
+                              loss_pool=loss_pool, max_grad_norm=5.0, cache=self.cache)
+        cached = self.cache.get(self.module, features, active, step) if loss_pool == "catalog" else None
         self.engine.train()
         device = features.text.device
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         out = self.engine(batch["history"].to(device), batch["target"].to(device),
                           None if loss_pool == "catalog" else batch["candidates"].to(device),
-                          features, list(active), generator)
+                          features, list(active), generator, cached)
         self.engine.backward(out["loss"])
         self.engine.step()
         return {k: float(v.detach()) for k, v in out.items()}
@@ -145,6 +147,7 @@ def _save(model, optimizer, meta: dict[str, Any], strategy: str) -> str:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point run by Ray Train on every worker for one stage."""
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -193,11 +196,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if engine is None:
         engine = _Engine(model, groups, strategy, cfg, device)
 
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * t.epochs
     shard = ray.train.get_dataset_shard("train")
     meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active, "config": to_dict(cfg),
-                 "feature_dims": features.dims(), "backbone": cfg.model.backbone, "strategy": strategy}
+                 "feature_dims": features.dims(), "backbone": cfg.model.backbone, "strategy": strategy,
+                 "worker_nodes": nodes}
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),

@@ -178,3 +178,17 @@ def test_candidate_loss_on_touched_items_matches_full_table(tiny_model, features
         scores = tiny_model.score_candidates(history, cands, table)
     expected = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1]))
     torch.testing.assert_close(out["rec_loss"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_negatives_match_the_full_softmax_when_fresh(tiny_model, features) -> None:
+    from speeder.loop import NegativeCache
+
+    tiny_model.eval()  # no dropout: both paths see the same tokens
+    history, target = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6]]), torch.tensor([7, 9])
+    full = tiny_model(history, target, None, features, ALL)
+    cache = NegativeCache(refresh_every=10)
+    table = cache.get(tiny_model, features, ALL, step=0)
+    cached = tiny_model(history, target, None, features, ALL, cached_table=table)
+    torch.testing.assert_close(cached["rec_loss"], full["rec_loss"], rtol=1e-5, atol=1e-6)
+    assert cache.get(tiny_model, features, ALL, step=9) is table  # not refreshed before 10 steps
+    assert cache.get(tiny_model, features, ALL, step=10) is not table

@@ -1,0 +1,245 @@
+"""`speeder bench speed`: Speeder against the multi-token (LLaRA-style) baseline, same backbone, one run.
+
+    speeder bench speed --out runs/bench/speed.json                 # SmolLM2-135M on ML-100K, history 20
+    speeder bench speed --backbone tiny-llama --train-steps 2       # a quick check of the harness
+
+Both systems use the same backbone, LoRA settings, data, batch size and machine. Each is measured in a
+fresh process (so peak memory is its own): prompt tokens per sample, training samples/s (teacher
+forcing for the baseline, the candidate softmax for Speeder), and inference users/s for the
+20-candidate protocol and for the whole catalog (Speeder: one forward pass and a dot product with
+the cached item tokens; baseline: prompt + greedy generation of a title, matched to the candidates).
+Item features are random vectors with the default encoders' sizes: speed does not depend on their
+values. The JSON holds `tokens_per_sample`, `train_speedup` and `infer_speedup` (Speeder / baseline)
+and the raw figures, plus a profile of where Speeder's training step spends its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("speeder.bench")
+
+DEFAULT_DATASET = "runs/bench/ml100k"
+FEATURE_DIMS = {"text": 384, "vision": 0, "sequence": 64}  # MiniLM, no images (MovieLens), SASRec
+
+
+def _ensure_dataset(uri: str) -> None:
+    from speeder_platform import storage
+    from speeder_platform.config import load_config
+    from speeder_platform.data.prepare import prepare_dataset
+
+    if not storage.exists(storage.join(uri, "meta.json")):
+        log.info("preparing ML-100K at %s", uri)
+        prepare_dataset(load_config(None, ["prepare.source=movielens-100k"]).prepare, uri)
+
+
+def _features(n: int, seed: int = 0):
+    from speeder.mrc import ItemFeatures
+
+    g = torch.Generator().manual_seed(seed)
+    return ItemFeatures(
+        text=torch.randn(n, FEATURE_DIMS["text"], generator=g), text_mask=torch.ones(n, dtype=torch.bool),
+        image=torch.zeros(n, 0), image_mask=torch.zeros(n, dtype=torch.bool),
+        sequence=torch.randn(n, FEATURE_DIMS["sequence"], generator=g), sequence_mask=torch.ones(n, dtype=torch.bool),
+    )
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Measure one system in this process (called in a fresh subprocess by `run_bench_speed`)."""
+    from speeder.backbone import add_lora, load_backbone
+    from speeder.loop import NegativeCache, train_step
+    from speeder.model import SpeederModel, SpeederSettings
+    from speeder.mpo import STAGES, apply_stage
+    from speeder_platform import storage
+    from speeder_platform.tables import load_samples
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    h = args["history"]
+    test = load_samples(args["dataset"], "test", h)
+    train = load_samples(args["dataset"], "train", h)
+    items = storage.read_table(storage.join(args["dataset"], "items.parquet"))
+    n = items.num_rows
+    backbone = load_backbone(args["backbone"], num_layers=args.get("num_layers"))
+    add_lora(backbone, r=8, alpha=16, dropout=0.0,
+             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rng = np.random.default_rng(0)
+    bt, bi = args["train_batch"], args["infer_batch"]
+    tr = train.subset(rng.choice(len(train), bt * (args["train_steps"] + 1), replace=False))
+    te = test.subset(rng.choice(len(test), bi * (args["infer_batches"] + 1), replace=False))
+    batches = list(tr.batches(bt))
+    ibatches = list(te.batches(bi))
+    out: dict[str, Any] = {"system": system}
+
+    if system == "speeder":
+        features = _features(n)
+        model = SpeederModel(backbone, SpeederSettings(feature_dims=features.dims(), max_history=h, ppt_lambda=0.1))
+        opt = torch.optim.AdamW(apply_stage(model, STAGES[3], lr=1e-3, lora_lr=3e-4))
+        lengths = (torch.from_numpy(te.history) >= 0).sum(1) + model.prompt.template_length
+        out["tokens_per_sample"] = float(lengths.float().mean())
+        step = iter(range(1, 10**6))
+        # The training default: catalog softmax with cached negatives refreshed every 10 steps; its
+        # refresh cost is amortised over those steps here.
+        cache = NegativeCache(10)
+        cache.get(model, features, ["text", "sequence"], 0)
+        t0 = time.perf_counter()
+        cache.get(model, features, ["text", "sequence"], 10)
+        refresh = (time.perf_counter() - t0) / 10
+        out["train_step_s"] = refresh + _timed(
+            lambda: train_step(model, opt, batches[next(step) % len(batches)], features, ["text", "sequence"],
+                               step=0, loss_pool=args["loss_pool"], cache=cache), args["train_steps"])
+        model.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            table = model.item_tokens(features, ["text", "sequence"])
+            out["catalog_tokens_s"] = time.perf_counter() - t0  # once per checkpoint, not per user
+            it = iter(range(10**6))
+
+            def cand() -> None:
+                b = ibatches[next(it) % len(ibatches)]
+                model.score_candidates(b["history"], b["candidates"], table)
+
+            def full() -> None:
+                b = ibatches[next(it) % len(ibatches)]
+                model.score_catalog(b["history"], table)
+
+            out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
+            out["infer_catalog_s"] = _timed(full, args["infer_batches"])
+            # Where a training step's forward time goes: MRC over the items vs the LLM.
+            b = batches[0]
+            out["profile_forward_s"] = {
+                "mrc_item_tokens": _timed(lambda: model.item_tokens(features, ["text", "sequence"]), 2),
+                "llm_forward": _timed(lambda: model.encode(b["history"], table), 2),
+            }
+    else:
+        from speeder.baselines.llara import LlaraRecommender
+
+        titles = items.column("title").to_pylist()
+        model = LlaraRecommender(backbone, titles, torch.randn(n, FEATURE_DIMS["sequence"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-4)
+        lengths = [len(model.prompt(hh.tolist(), c.tolist())[0]) for hh, c in zip(te.history, te.candidates,
+                                                                                   strict=True)]
+        out["tokens_per_sample"] = float(np.mean(lengths))
+        out["catalog_tokens_per_sample"] = float(np.mean([len(model.prompt(hh.tolist(), None)[0])
+                                                          for hh in te.history]))
+        step = iter(range(10**6))
+
+        def train_once() -> None:
+            b = batches[next(step) % len(batches)]
+            model.train()
+            loss = model(b["history"], b["target"], b["candidates"])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+
+        out["train_step_s"] = _timed(train_once, args["train_steps"])
+        model.eval()
+        it = iter(range(10**6))
+
+        def cand() -> None:
+            b = ibatches[next(it) % len(ibatches)]
+            model.rank_candidates(b["history"], b["candidates"], b["target"])
+
+        def full() -> None:
+            b = ibatches[next(it) % len(ibatches)]
+            for answer in model.generate(b["history"], None):
+                model.match(answer, range(n))
+
+        out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
+        out["infer_catalog_s"] = _timed(full, args["infer_batches"])
+    out["train_samples_per_s"] = bt / out["train_step_s"]
+    out["infer_candidates_users_per_s"] = bi / out["infer_candidates_s"]
+    out["infer_catalog_users_per_s"] = bi / out["infer_catalog_s"]
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = None, dataset: str = DEFAULT_DATASET,
+                    history: int = 20, train_batch: int = 4, train_steps: int = 3, infer_batch: int = 8,
+                    infer_batches: int = 3, threads: int = 2, loss_pool: str = "catalog") -> dict[str, Any]:
+    """Measure both systems (each in a fresh process) and compute the ratios."""
+    _ensure_dataset(dataset)
+    args = {"backbone": backbone, "num_layers": num_layers, "dataset": dataset, "history": history,
+            "train_batch": train_batch, "train_steps": train_steps, "infer_batch": infer_batch,
+            "infer_batches": infer_batches, "threads": threads, "loss_pool": loss_pool}
+    results = {}
+    for system in ("speeder", "llara"):
+        log.info("measuring %s (%s)...", system, backbone)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-m", "speeder_platform.bench_speed", "--worker", system,
+                               json.dumps(args)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench speed worker {system} failed:\n{proc.stderr[-3000:]}")
+        results[system] = json.loads(proc.stdout.strip().splitlines()[-1])
+    s, b = results["speeder"], results["llara"]
+    report = {
+        "settings": args,
+        "tokens_per_sample": {"speeder": s["tokens_per_sample"], "baseline": b["tokens_per_sample"],
+                              "ratio": b["tokens_per_sample"] / s["tokens_per_sample"]},
+        "train_speedup": s["train_samples_per_s"] / b["train_samples_per_s"],
+        "infer_speedup": s["infer_candidates_users_per_s"] / b["infer_candidates_users_per_s"],
+        "infer_speedup_catalog": s["infer_catalog_users_per_s"] / b["infer_catalog_users_per_s"],
+        "speeder": s,
+        "baseline": b,
+    }
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    s, b = r["speeder"], r["baseline"]
+    rows = [
+        ("prompt tokens / sample", f"{s['tokens_per_sample']:.1f}", f"{b['tokens_per_sample']:.1f}",
+         f"{r['tokens_per_sample']['ratio']:.1f}x fewer"),
+        ("train samples/s", f"{s['train_samples_per_s']:.2f}", f"{b['train_samples_per_s']:.2f}",
+         f"{r['train_speedup']:.1f}x"),
+        ("infer users/s (20 candidates)", f"{s['infer_candidates_users_per_s']:.2f}",
+         f"{b['infer_candidates_users_per_s']:.2f}", f"{r['infer_speedup']:.1f}x"),
+        ("infer users/s (whole catalog)", f"{s['infer_catalog_users_per_s']:.2f}",
+         f"{b['infer_catalog_users_per_s']:.2f}", f"{r['infer_speedup_catalog']:.1f}x"),
+        ("peak RSS MB", f"{s['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}", ""),
+    ]
+    lines = ["| | Speeder | multi-token baseline | Speeder / baseline |", "|---|---|---|---|"]
+    lines += [f"| {a} | {x} | {y} | {z} |" for a, x, y, z in rows]
+    prof = s.get("profile_forward_s", {})
+    if prof:
+        lines.append(f"\nSpeeder forward, per training batch: MRC over the catalog {prof['mrc_item_tokens']:.3f}s, "
+                     f"LLM {prof['llm_forward']:.3f}s; catalog item tokens once per checkpoint "
+                     f"{s['catalog_tokens_s']:.2f}s")
+    return "\n".join(lines)
+
+
+def _worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True, choices=("speeder", "llara"))
+    parser.add_argument("args")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sys.stdout.write(json.dumps(measure(ns.worker, json.loads(ns.args))) + "\n")
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

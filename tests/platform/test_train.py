@@ -1,0 +1,146 @@
+"""Ray Train: stages, DDP and DeepSpeed on CPU, checkpoints on local disk and S3, resuming after failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from speeder.checkpoint import read_meta
+from speeder_platform import storage
+from speeder_platform.evaluate import load_trained
+from speeder_platform.train import final_checkpoint, run_training, run_uri
+from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    data = str(tmp_path_factory.mktemp("train") / "data")
+    prepare_synthetic(data)
+    write_random_features(data)
+    return data
+
+
+def config(tmp_path: pathlib.Path, dataset: str, *overrides: str):
+    return tiny_config(str(tmp_path), f"data.uri={dataset}", "trainer.stages=[1]", *overrides)
+
+
+def checkpoint_meta(uri: str, tmp_path: pathlib.Path) -> dict:
+    local = storage.download_dir(uri, str(tmp_path / f"ckpt-{time.monotonic_ns()}"))
+    return read_meta(local)
+
+
+def stage_dir_of(cfg, stage: int = 1) -> str:
+    return storage.join(cfg.trainer.storage_path, f"{cfg.trainer.run_name}-stage{stage}")
+
+
+def complete_checkpoints(stage_dir: str) -> list[str]:
+    """Checkpoint folders holding a meta.json (written last). On S3, checkpoints Ray deleted
+    (num_to_keep) can leave an empty folder marker behind."""
+    return [storage.join(stage_dir, n) for n in storage.listdir(stage_dir)
+            if n.startswith("checkpoint_") and storage.exists(storage.join(stage_dir, n, "meta.json"))]
+
+
+def latest_checkpoint_meta(stage_dir: str, tmp_path: pathlib.Path) -> dict:
+    """meta.json of the checkpoint with the most steps (the best one may predate a failure)."""
+    return max((checkpoint_meta(c, tmp_path) for c in complete_checkpoints(stage_dir)), key=lambda m: m["step"])
+
+
+def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
+    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=ddp")
+    summary = run_training(cfg)
+    assert [s["stage"] for s in summary.stages] == [1]
+    assert 0.0 <= summary.stages[0]["metrics"]["valid_hr1"] <= 1.0
+    assert final_checkpoint(cfg) == summary.checkpoint
+    meta = checkpoint_meta(summary.checkpoint, tmp_path)
+    assert meta["strategy"] == "ddp" and meta["stage"] == 1 and meta["modalities"] == ["text"]
+    trained = load_trained(summary.checkpoint)
+    assert trained.model.settings.max_history == 8
+
+
+def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
+    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2")
+    summary = run_training(cfg)
+    meta = checkpoint_meta(summary.checkpoint, tmp_path)
+    assert meta["strategy"] == "deepspeed"
+    assert meta["train_state"]["step"] > 0
+
+
+def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_path, s3_bucket) -> None:
+    from ray.util.state import list_actors
+
+    cfg = config(tmp_path, dataset, f"trainer.storage_path={s3_bucket}/train", "trainer.epochs=3",
+                 "trainer.patience=10", "trainer.checkpoint_every=3", "trainer.max_failures=2")
+    killed: list[int] = []
+    errors: list[str] = []
+
+    def kill_a_worker_after_two_checkpoints() -> None:
+        # Two complete checkpoints: the first has surely been registered by Ray Train (a folder still
+        # being uploaded when its worker dies is, rightly, not a checkpoint to resume from).
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                if len(complete_checkpoints(stage_dir_of(cfg))) >= 2:
+                    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                    if workers:
+                        os.kill(workers[0]["pid"], signal.SIGKILL)
+                        killed.append(workers[0]["pid"])
+                        return
+            except Exception as err:  # a folder deleted while listed, the state API busy: look again
+                errors.append(repr(err))
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
+    killer.start()
+    summary = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, f"no worker was killed before the stage ended (errors: {errors[-3:]})"
+    assert summary.checkpoint.startswith(s3_bucket)
+    latest = latest_checkpoint_meta(stage_dir_of(cfg), tmp_path)
+    assert latest["train_state"]["resumes"] >= 1  # restored from its own checkpoint, not restarted from scratch
+    assert latest["epoch"] == cfg.trainer.epochs
+
+
+@pytest.mark.fault
+def test_restarted_driver_resumes_the_run(dataset, tmp_path) -> None:
+    spec = tmp_path / "spec.yaml"
+    cfg = config(tmp_path, dataset, "trainer.epochs=3", "trainer.patience=10", "trainer.checkpoint_every=3",
+                 "ray.num_cpus=2")
+    from speeder_platform.config import to_yaml
+
+    spec.write_text(to_yaml(cfg))
+    stage_dir = stage_dir_of(cfg)
+    first = subprocess.Popen([sys.executable, "-m", "speeder_platform.cli", "train", str(spec)],
+                             stdout=(tmp_path / "first.log").open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(complete_checkpoints(stage_dir)) < 2:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    assert not storage.exists(storage.join(run_uri(cfg), "stages.json"))
+
+    second = subprocess.run([sys.executable, "-m", "speeder_platform.cli", "train", str(spec)],
+                            capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    stages = json.loads(pathlib.Path(run_uri(cfg), "stages.json").read_text())["stages"]
+    assert latest_checkpoint_meta(stage_dir, tmp_path)["train_state"]["resumes"] >= 1
+
+    # Once a stage has finished, a rerun with more stages skips it and starts the next from its best.
+    third = subprocess.run([sys.executable, "-m", "speeder_platform.cli", "train", str(spec),
+                            "trainer.stages=[1,3]", "trainer.epochs=1"],
+                           capture_output=True, text=True, timeout=400)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "stage 1 (text) already finished" in third.stderr
+    after = json.loads(pathlib.Path(run_uri(cfg), "stages.json").read_text())["stages"]
+    assert after[0] == stages[0] and [s["stage"] for s in after] == [1, 3]
