@@ -96,7 +96,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.incremental:
         cfg.featurize.incremental = True
-    report = run_featurize(cfg)
+    report = run_featurize(cfg, force=args.force)
     sys.stdout.write(report.summary() + "\n")
     return 0
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     fz = _add_config_command(sub, "featurize", "encode item text, images and sequences with Ray Data actor pools",
                              _cmd_featurize)
     fz.add_argument("--incremental", action="store_true", help="only items missing from the features table")
+    fz.add_argument("--force", action="store_true", help="featurize again even if the table is up to date")
     _add_config_command(sub, "score", "nightly batch scoring: top-K for every user, one date partition",
                         _cmd_score)
 

@@ -169,6 +169,7 @@ class ScoreConfig:
     batch_size: int = 64
     num_actors: int = 1
     actor_num_cpus: float = 1.0
+    actor_num_gpus: float | None = None  # None: 1 per scorer actor when the cluster has GPUs, else 0
 
 
 @dataclass
@@ -279,6 +280,7 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _choice("evaluate.split", cfg.evaluate.split, ("valid", "test"))
     for name in ("k", "batch_size", "num_actors", "actor_num_cpus"):
         _positive(f"score.{name}", getattr(cfg.score, name))
+    _positive("score.actor_num_gpus", cfg.score.actor_num_gpus, allow_zero=True)
     if cfg.score.date is not None:
         import datetime
 
