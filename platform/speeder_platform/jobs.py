@@ -17,7 +17,6 @@ evaluate and score always run (they are idempotent).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -101,12 +100,25 @@ def run_steps(cfg: SpeederConfig) -> dict[str, Any]:
     return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(summary: dict[str, Any], cfg: SpeederConfig) -> str:
     """Where the time went and where the outputs are."""
     lines = [f"job finished in {summary['seconds']:.0f}s (Ray: {summary['ray']}); outputs under "
              f"{summary['output_root']}"]
     for step, info in summary["steps"].items():
         lines.append(f"  {step:<10} {info['seconds']:>7.1f}s")
+    steps = summary["steps"]
+    outputs = []
+    if "prepare" in steps:
+        outputs.append(("dataset", cfg.data.uri))
+    if "featurize" in steps:
+        outputs.append(("features", storage.join(cfg.data.uri, "features", cfg.featurize.name)))
+    if "train" in steps:
+        outputs.append(("checkpoint", steps["train"]["result"]["checkpoint"]))
+    if "evaluate" in steps:
+        outputs.append(("metrics", storage.join(cfg.evaluate.out, "metrics.md")))
+    if "score" in steps:
+        outputs.append(("scores", steps["score"]["result"].get("partition", cfg.score.out)))
+    lines += [f"  {name:<10} {uri}" for name, uri in outputs]
     return "\n".join(lines)
 
 
@@ -161,7 +173,5 @@ def run_job(spec_path: str, overrides: list[str], address: str | None = None,
         return submit(spec_path, overrides, address, runtime_env_file)
     cfg = load_config(spec_path, overrides)
     summary = run_steps(cfg)
-    sys.stdout.write(format_summary(summary) + "\n")
-    sys.stdout.write(json.dumps({k: v["result"] for k, v in summary["steps"].items()}, indent=1,
-                                default=str)[:4000] + "\n")
+    sys.stdout.write(format_summary(summary, cfg) + "\n")
     return 0

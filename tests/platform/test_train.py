@@ -76,12 +76,14 @@ def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
 
 
 def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_path, s3_bucket) -> None:
+    import ray
     from ray.util.state import list_actors
 
     cfg = config(tmp_path, dataset, f"trainer.storage_path={s3_bucket}/train", "trainer.epochs=3",
                  "trainer.patience=10", "trainer.checkpoint_every=3", "trainer.max_failures=2")
     killed: list[int] = []
     errors: list[str] = []
+    gcs = ray.get_runtime_context().gcs_address  # this test's Ray, whatever else runs on the machine
 
     def kill_a_worker_after_two_checkpoints() -> None:
         # Two complete checkpoints: the first has surely been registered by Ray Train (a folder still
@@ -90,7 +92,8 @@ def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_p
         while time.time() < deadline and not killed:
             try:
                 if len(complete_checkpoints(stage_dir_of(cfg))) >= 2:
-                    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                    workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                ("state", "=", "ALIVE")])
                     if workers:
                         os.kill(workers[0]["pid"], signal.SIGKILL)
                         killed.append(workers[0]["pid"])
