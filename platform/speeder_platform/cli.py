@@ -147,6 +147,24 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from speeder_platform.bench_quality import main as bench_quality_main
+
+    return bench_quality_main(args.args)
+
+
+def _cmd_bench_faults(args: argparse.Namespace) -> int:
+    from speeder_platform.bench_faults import main as bench_faults_main
+
+    return bench_faults_main(args.args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from speeder_platform.report import main as report_main
+
+    return report_main(args.args)
+
+
 def _cmd_job(args: argparse.Namespace) -> int:
     from speeder_platform.jobs import run_job
 
@@ -237,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     bspeed.add_argument("--threads", type=int, default=2)
     bspeed.add_argument("--out", help="write the figures as JSON here")
     bspeed.set_defaults(func=_cmd_bench_speed)
+    bquality = bsub.add_parser("quality", help="test-split tables: baselines, Speeder and its ablations, cold-start "
+                               "items, missing modalities (markdown, JSON, PNG); `--help` lists its options",
+                               add_help=False)
+    bquality.add_argument("args", nargs=argparse.REMAINDER)
+    bquality.set_defaults(func=_cmd_bench_quality)
+    bfaults = bsub.add_parser("faults", help="fault-injection scenarios: what was injected, what was observed, "
+                              "data lost; `--help` lists its options", add_help=False)
+    bfaults.add_argument("args", nargs=argparse.REMAINDER)
+    bfaults.set_defaults(func=_cmd_bench_faults)
+    report = sub.add_parser("report", help="the run report (markdown + plots) of a finished job; `--help` lists "
+                            "its options", add_help=False)
+    report.add_argument("args", nargs=argparse.REMAINDER)
+    report.set_defaults(func=_cmd_report)
 
     job = sub.add_parser("job", help="run a job spec's steps on local Ray, or submit it to a cluster")
     job.add_argument("spec", help="a job spec (jobs/*.yaml)")
