@@ -2,6 +2,8 @@
 #   make test   venv + pinned deps + model packages + Chromium, then ruff and the whole test suite
 #   make demo   venv, then the end-to-end ML-100K job (jobs/demo.yaml) on an embedded local Ray
 SHELL := /bin/bash
+# pipefail: a failing pip in `pip ... | sed` must fail the recipe.
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +18,8 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
-PIPFILTER := grep -v "is ignored: it is neither a file nor a directory" || true
+# This machine's pip configuration names local wheel folders that may not exist; drop those warnings.
+PIPFILTER := sed "/is ignored: it is neither a file nor a directory/d"
 
 .PHONY: test demo smoke venv lint unit browser lock clean
 
@@ -55,9 +58,8 @@ smoke: $(STAMP)
 	$(VENV)/bin/speeder job jobs/smoke.yaml
 
 lock: $(STAMP)
-	$(PIP) freeze | grep -v -e "^-e" -e "^speeder" | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
-	  | sed '1i # Exact versions of everything `make` installs (pip freeze of a working venv). Regenerate with `make lock`.' \
-	  > constraints.txt
+	{ echo '# Exact versions of everything `make` installs (pip freeze of a working venv). Regenerate with `make lock`.'; \
+	  $(PIP) freeze | grep -v -e "^-e" -e "^speeder" | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
