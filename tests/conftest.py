@@ -19,6 +19,9 @@ os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
     OMP_NUM_THREADS="1",
     TOKENIZERS_PARALLELISM="false",
+    # Test clusters live on loopback: without this Ray rewrites 127.0.0.1 addresses to the machine's
+    # external IP (and the GCS of a 127.0.0.1 node listens on loopback only). Read at `import ray`.
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
 )
 
 

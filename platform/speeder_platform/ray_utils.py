@@ -6,6 +6,7 @@ job, or `ray.init` already called) and otherwise starts an embedded local Ray bo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,9 +15,9 @@ from speeder_platform.config import SpeederConfig
 
 log = logging.getLogger(__name__)
 
-# Environment for every Ray worker: nothing reaches the internet; tiny CPU models run one thread.
+# Environment for every Ray worker: no telemetry, quiet logs. (HF_HUB_OFFLINE is forwarded, not forced:
+# a GPU cluster may well download Llama-2 from the hub; the Makefile sets it for this offline machine.)
 WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -27,13 +28,26 @@ WORKER_ENV = {
 # Forwarded to workers when set on the driver (storage endpoint, credentials, caches).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "SPEEDER_CACHE",
-                 "OMP_NUM_THREADS", "DS_ACCELERATOR", "HF_HOME")
+                 "OMP_NUM_THREADS", "DS_ACCELERATOR", "HF_HOME", "HF_HUB_OFFLINE")
+# Set by Ray's job supervisor for a job's entrypoint: the job's own runtime_env (JSON).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV)
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
+
+
+def _job_env_vars() -> set[str]:
+    """Environment variables the enclosing Ray job's runtime_env already sets (empty outside a job)."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def ensure_ray(cfg: SpeederConfig | None = None) -> str:
@@ -48,7 +62,9 @@ def ensure_ray(cfg: SpeederConfig | None = None) -> str:
         ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return "cluster" if os.environ.get("RAY_ADDRESS") else "local"
-    runtime_env = {"env_vars": worker_env()}
+    # Inside a Ray job, Ray refuses a driver runtime_env that sets a variable the job's runtime_env sets.
+    taken = _job_env_vars()
+    runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in taken}}
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

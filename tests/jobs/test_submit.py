@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[str]:
     """A one-node Ray cluster started with Ray's CLI, its job server on a loopback port."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, agent_grpc, runtime_env_agent, metrics, client = (free_port() for _ in range(7))
     temp = tmp_path_factory.mktemp("rayhead")
     # Token auth is off on both sides of this loopback test cluster (Ray 2.60 enables it by default).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -33,7 +33,11 @@ def head(tmp_path_factory) -> Iterator[str]:
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
+         # Free ports for the agents: the defaults (52365, ...) may be taken by another Ray on this machine,
+         # and without its HTTP agent the head cannot accept jobs ("No available agent").
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+         f"--ray-client-server-port={client}", "--disable-usage-stats"],
         env=env, stdout=(temp / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:

@@ -22,7 +22,7 @@ def test_two_node_training_matches_one_node(tmp_path, s3_bucket) -> None:
     prepare_synthetic(data)
     write_random_features(data)
     common = [f"data.uri={data}", "trainer.stages=[1]", "trainer.num_workers=2", "trainer.cpus_per_worker=0.75",
-              "trainer.epochs=2", "trainer.strategy=ddp"]
+              "trainer.epochs=1", "trainer.strategy=ddp"]
 
     if ray.is_initialized():
         ray.shutdown()  # this test runs its own clusters; the next test's ray_local starts a fresh one
@@ -31,7 +31,7 @@ def test_two_node_training_matches_one_node(tmp_path, s3_bucket) -> None:
     try:
         cluster.add_node(num_cpus=1, resources={"second": 1}, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", runtime_env={"env_vars": worker_env()})
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         two = run_training(tiny_config(str(tmp_path / "two"), *common,
                                        f"trainer.storage_path={s3_bucket}/train-two"))
