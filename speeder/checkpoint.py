@@ -5,12 +5,18 @@
     <dir>/optimizer.json         optimizer scalars and parameter groups
     <dir>/meta.json              format, stage, step, epoch, settings, feature dims, metrics, config
 
-Nothing is pickled: loading a checkpoint cannot execute code. `meta.json` is written last, so a
-folder without it is an incomplete checkpoint and is refused.
+Nothing is pickled: loading a checkpoint cannot execute code, and a file that is not safetensors
+(a pickle put in its place, say) is refused with a CheckpointError.
+
+Crash safety: `meta.json` is removed first and written last, so a folder without it is an incomplete
+checkpoint and is refused, also when a crash interrupts overwriting an older checkpoint. Every file is
+written under a temporary name and renamed into place, and meta.json records the size and SHA-256 of
+each weights file: a file cut short, swapped or from another save does not load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,18 +47,37 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _digest(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file, as meta.json records them."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """Write safetensors under a temporary name, rename it into place; returns its digest."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    digest = _digest(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write a checkpoint folder; meta.json last, so its presence marks a complete checkpoint."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    (d / META_FILE).unlink(missing_ok=True)  # overwriting: incomplete until the new meta.json lands
     state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
-    save_file(state, str(d / MODEL_FILE))
+    files = {MODEL_FILE: _save_tensors(state, d / MODEL_FILE)}
     if optimizer is not None:
         tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(d / OPTIM_FILE))
+        files[OPTIM_FILE] = _save_tensors(tensors, d / OPTIM_FILE)
         _write_json(d / OPTIM_META, scalars)
-    _write_json(d / META_FILE, {"format": FORMAT, **meta})
+    _write_json(d / META_FILE, {"format": FORMAT, **meta, "files": files})
     return d
 
 
@@ -59,10 +85,29 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.exists():
         raise CheckpointError(f"{directory}: no {META_FILE}; not a complete Speeder checkpoint")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{directory}: {META_FILE} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{directory}: format {found!r}, expected {FORMAT!r}")
     return meta
+
+
+def _load_tensors(directory: str | os.PathLike, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A weights file, checked against the size and digest meta.json records (older checkpoints have none)."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: {name} missing; not a complete Speeder checkpoint")
+    expected = meta.get("files", {}).get(name)
+    if expected is not None and _digest(path) != expected:
+        raise CheckpointError(f"{directory}: {name} does not match {META_FILE} (size or SHA-256 differ): "
+                              "cut short, replaced or from another save")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # never unpickled: not safetensors is refused
+        raise CheckpointError(f"{directory}: {name} is not a readable safetensors file ({err})") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
@@ -74,7 +119,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
     """
     meta = read_meta(directory)
     d = Path(directory)
-    state = load_file(str(d / MODEL_FILE))
+    state = _load_tensors(d, MODEL_FILE, meta)
     expected = model.trainable_state()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -90,7 +135,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
             params[name].copy_(value)
     if optimizer is not None and (d / OPTIM_FILE).exists():
         scalars = json.loads((d / OPTIM_META).read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(d / OPTIM_FILE)), scalars))
+        optimizer.load_state_dict(_unflatten_optimizer(_load_tensors(d, OPTIM_FILE, meta), scalars))
     return meta
 
 

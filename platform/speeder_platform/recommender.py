@@ -81,18 +81,20 @@ def _same_uri(a: str, b: str) -> bool:
 
 
 def resolve_image_uri(dataset: str, image_uri: str | None) -> str | None:
-    """An items.parquet image_uri as a storage URI we may read; None for none or a remote http(s) URL.
+    """An items.parquet image_uri as a storage URI we may read, or None.
 
-    Relative URIs are relative to the dataset root. Remote web URLs are never fetched: nothing leaves
-    the machine, so such items simply have no image here.
+    The featurize job's rule (featurize_ops.locate_image), so the API serves exactly the images the
+    model saw: relative paths stay inside the dataset root (`..` and symlinks resolved first), absolute
+    local paths only when inside a local root, s3:// as given; anything escaping the root
+    (`../../etc/passwd`, `/etc/passwd`, a link out) is refused and logged. Remote web URLs are never
+    fetched: nothing leaves the machine, so such items simply have no image here.
     """
-    if not image_uri:
-        return None
-    if image_uri.startswith(("http://", "https://")):
-        return None
-    if image_uri.startswith(("s3://", "file://", "/")):
-        return image_uri
-    return storage.join(dataset, image_uri)
+    from speeder_platform.featurize_ops import REFUSED, locate_image
+
+    status, uri = locate_image(image_uri, dataset)
+    if status == REFUSED:
+        log.warning("image_uri %r escapes the dataset %s: refused", str(image_uri)[:200], dataset)
+    return uri
 
 
 def load_test_users(dataset: str, split: str = "test") -> dict[int, tuple[list[int], int]]:
@@ -201,10 +203,11 @@ class Recommender:
         uri = self.images[self.item(item_id)["item_id"]]
         if uri is None:
             return None
-        try:
-            data = storage.read_bytes(uri)
-        except (OSError, ValueError) as err:
-            log.warning("image of item %d unreadable (%s): %s", item_id, uri, err)
+        from speeder_platform.featurize_ops import read_image_bytes
+
+        status, data = read_image_bytes(uri)  # regular files only, size-capped, never raises
+        if data is None:
+            log.warning("image of item %d unreadable (%s): %s", item_id, uri, status)
             return None
         return data, mimetypes.guess_type(uri)[0] or "application/octet-stream"
 

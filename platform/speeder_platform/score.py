@@ -9,8 +9,10 @@ recommendations for what comes after everything we know. The model reads the las
 items of a history (its checkpoint's setting); every item of the history is excluded from its top-K.
 
 Ray Data feeds the histories to `score.num_actors` scorer actors; each loads the checkpoint and builds
-the catalog's item tokens once. Users with an empty history, an item id outside the catalog, no
-user_id, or more than one input row are counted by reason and skipped.
+the catalog's item tokens once. A scorer actor that dies is restarted and its batches retried, so every
+user is scored exactly once; writes to object storage are retried while the endpoint is down. Users
+with an empty history, an item id outside the catalog, no user_id, or more than one input row are
+counted by reason and skipped.
 
 Output: `<score.out>/dt=YYYY-MM-DD/*.parquet` with user_id int64, item_ids list<int64>, scores
 list<float32> (descending), model_version string, scored_at timestamp[us, UTC]. The partition is
@@ -243,6 +245,9 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
                                        "num_gpus": gpus},
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors), batch_size=sc.batch_size, batch_format="pyarrow",
         num_cpus=sc.actor_num_cpus, num_gpus=gpus, runtime_env=env,
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a scorer that dies is
+        # restarted and its unfinished batches run again, a failed task's output is discarded, so every
+        # user is scored exactly once (bench_faults_score.score_actor_killed checks it).
     ).materialize()  # scored once; counted, then written from the object store
     skipped, duplicates, version = _outcome(scored)
     users = scored.count() - sum(skipped.values())

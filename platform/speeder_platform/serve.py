@@ -13,6 +13,11 @@ serve.batch_wait_timeout_s). Bad input is a 4xx whose JSON names the field
 (`{"detail": "k: must be an integer in 1..100, got 0", "field": "k"}`); bodies over MAX_BODY_BYTES are
 refused before they are parsed, and JSON nested deeper than the parser's limit is a 400, so no payload
 can take a replica down.
+
+With serve.num_replicas >= 2 a replica that dies is routed around and restarted by Serve; a request it
+held when it died runs again on another replica (serve_proxy.RetryOnReplicaDeath, installed in Serve's
+proxy by `start`; on a cluster set its environment variable on the nodes, see serve_proxy), or gets a
+JSON 503 with Retry-After, never a hang.
 """
 
 from __future__ import annotations
@@ -308,7 +313,9 @@ def start(cfg: SpeederConfig, settings: ServeSettings, port: int | None = None, 
     from ray import serve
 
     from speeder_platform.ray_utils import ensure_ray
+    from speeder_platform.serve_proxy import install_proxy_hook
 
+    install_proxy_hook()  # before Ray starts: the proxy inherits the environment of the Ray it runs in
     ensure_ray(cfg)
     port = port or cfg.serve.port
     serve.start(http_options={"host": cfg.serve.host, "port": port})

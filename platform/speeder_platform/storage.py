@@ -7,6 +7,9 @@ AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores such as MinIO
 Writes never expose half a file: bytes go to a temporary name beside the target and are then
 committed (a rename on local disks; on S3 a PUT is atomic, so the object appears whole). Folders
 that must appear all at once (a scoring partition) go through `commit_dir`.
+
+Every operation on s3:// is retried with backoff (`with_retries`, on top of the S3 client's own
+retries): an endpoint that restarts for a few seconds costs a delay, not a failed job.
 """
 
 from __future__ import annotations
@@ -108,45 +111,57 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
-def exists(uri: str) -> bool:
+def _call(uri: str, fn: Callable[[], T], what: str) -> T:
+    """fn() for an operation on `uri`: retried when the store is remote (it may be restarting)."""
+    return with_retries(fn, f"{what} {uri}") if is_s3(uri) else fn()
+
+
+def _info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _call(uri, lambda: fs.get_file_info(path), "stat")
+
+
+def exists(uri: str) -> bool:
+    return _info(uri).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _info(uri).type == pafs.FileType.Directory
 
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
+    _call(uri, lambda: fs.create_dir(path, recursive=True), "mkdir")
 
 
 def listdir(uri: str) -> list[str]:
     """Names directly inside a folder (empty when it does not exist)."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if _info(uri).type == pafs.FileType.NotFound:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    infos = _call(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)), "list")
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
 def remove(uri: str) -> None:
     """Delete a file or a folder with everything inside; a missing target is not an error."""
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    kind = _info(uri).type
+    if kind == pafs.FileType.Directory:
+        _call(uri, lambda: fs.delete_dir(path), "delete")
+    elif kind == pafs.FileType.File:
+        _call(uri, lambda: fs.delete_file(path), "delete")
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _call(uri, read, "read")
     except FileNotFoundError:
         raise FileNotFoundError(f"not found: {uri}") from None
 
@@ -190,16 +205,26 @@ def write_json(uri: str, obj: Any) -> None:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a parquet file (or a folder of parquet files) into one table."""
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
+    info = _info(uri)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"not found: {uri}")
-    if info.type == pafs.FileType.Directory:
-        files = committed_files(uri)
-        tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in files]
-        if not tables:
-            raise FileNotFoundError(f"no parquet files in {uri}")
-        return pa.concat_tables(tables)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    if info.type != pafs.FileType.Directory:
+        return _call(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns), "read")
+    for attempt in range(3):
+        try:  # each try lists the folder again: a commit may replace it between the listing and the reads
+            return _call(uri, lambda: _read_committed(uri, columns), "read")
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_committed(uri: str, columns: list[str] | None) -> pa.Table:
+    fs, _ = resolve(uri)
+    tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in committed_files(uri)]
+    if not tables:
+        raise FileNotFoundError(f"no parquet files in {uri}")
+    return pa.concat_tables(tables)
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -221,17 +246,18 @@ def committed_files(uri: str) -> list[str]:
     names are read, so a reader never mixes a previous run's files with a new one's.
     """
     fs, path = resolve(uri)
-    manifest = posixpath.join(path, MANIFEST)
-    if fs.get_file_info(manifest).type == pafs.FileType.File:
+    if _info(join(uri, MANIFEST)).type == pafs.FileType.File:
         names = read_json(join(uri, MANIFEST))["files"]
         return [posixpath.join(path, n) for n in names]
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    infos = _call(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), "list")
+    # On an object store, run-* folders without a manifest are a first commit still copying: not data yet.
+    hidden = (".", "_", "run-") if is_s3(uri) else (".", "_")
     return sorted(
         i.path
         for i in infos
         if i.type == pafs.FileType.File
         and i.path.endswith(".parquet")
-        and not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, path).split("/"))
+        and not any(p.startswith(hidden) for p in posixpath.relpath(i.path, path).split("/"))
     )
 
 
@@ -276,7 +302,8 @@ def commit_dir(staging_uri: str, final_uri: str) -> None:
     fs, staging = resolve(staging_uri)
     _, final = resolve(final_uri)
     run = uuid.uuid4().hex[:12]
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True)) if i.is_file]
+    listed = _call(staging_uri, lambda: fs.get_file_info(pafs.FileSelector(staging, recursive=True)), "list")
+    infos = [i for i in listed if i.is_file]
     names = []
     for info in sorted(infos, key=lambda i: i.path):
         rel = posixpath.relpath(info.path, staging)

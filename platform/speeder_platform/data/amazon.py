@@ -13,11 +13,16 @@ Fields read:
 - 2023 reviews: user_id, parent_asin, timestamp (milliseconds), rating (optional);
   meta: parent_asin, title, features, description, images (list of {large, hi_res, thumb, variant}).
 
-Malformed lines (bad JSON, a missing or wrongly typed required field, a .gz cut short) are counted
-per reason and skipped, never fatal. Optional fields of an unexpected type are ignored.
+Malformed lines (bad JSON, a missing or wrongly typed required field, an id that is not valid
+Unicode, a .gz cut short) are counted per reason and skipped, never fatal. Optional fields of an
+unexpected type are ignored. Odd Unicode in text (control characters, lone surrogates, bidi
+overrides, zero-width spaces) is removed and the text NFC-normalised; over-long titles and texts are
+cut at a word boundary. Such repaired records are kept and counted per reason (`repaired` in the
+prepare report).
 Items without a usable meta record (none, or no title) are dropped with their interactions before
 the k-core: a language-model recommender cannot describe an item it only knows by ASIN. Both counts
 appear in the prepare report.
+title: HTML stripped, whitespace normalised, at most MAX_TITLE_CHARS.
 text = title + features + description, HTML stripped, whitespace normalised, at most MAX_TEXT_CHARS.
 Images: with `images` (a folder of <asin>.<ext>), the file is copied into the dataset; otherwise the
 first image URL is kept as an absolute URI (later stages, offline, count it as missing).
@@ -30,6 +35,7 @@ import json
 import logging
 import posixpath
 import re
+import unicodedata
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -46,8 +52,15 @@ log = logging.getLogger(__name__)
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # preference order when an ASIN has several
 MAX_TEXT_CHARS = 2000  # long descriptions add tokens to the text encoder, not signal
+MAX_TITLE_CHARS = 300  # longer "titles" are descriptions in the wrong field (or spam)
+MAX_FIELD_CHARS = 50_000  # a raw field is cut to this before any cleaning: bounded work per record
 CHUNK = 1 << 20
-_TAG = re.compile(r"<[^>]*>")
+_TAG = re.compile(r"<[^<>]*>")  # no '<' inside: linear time even on a field full of '<'
+# Control characters (C0 but whitespace, DEL, C1), zero-width space, bidi embeddings, overrides and
+# isolates, BOM, noncharacters and lone surrogates: invisible, or able to reorder what a page shows.
+_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u202a-\u202e\u2066-\u2069"
+                     "\ufeff\ufffe\uffff\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads accepts lone ones; UTF-8 cannot encode them
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,9 @@ def parse_reviews(uri: str, fmt: AmazonFormat) -> tuple[list[str], list[str], li
         if not isinstance(user, str) or not isinstance(item, str) or timestamp is None or bad_rating:
             bad.add("wrong_type", line_no)
             continue
+        if _SURROGATE.search(user) or _SURROGATE.search(item):
+            bad.add("bad_unicode", line_no)
+            continue
         users.append(user)
         items.append(item)
         times.append(timestamp)
@@ -170,8 +186,22 @@ def parse_reviews(uri: str, fmt: AmazonFormat) -> tuple[list[str], list[str], li
 
 
 def clean_text(value: str) -> str:
-    """HTML entities decoded, tags removed, whitespace collapsed."""
-    return " ".join(_TAG.sub(" ", html.unescape(value)).split())
+    """HTML entities decoded, tags and unsafe code points removed, whitespace collapsed, NFC."""
+    text = _UNSAFE.sub("", _TAG.sub(" ", html.unescape(value[:MAX_FIELD_CHARS])))
+    return unicodedata.normalize("NFC", " ".join(text.split()))
+
+
+def has_unsafe_text(value: str) -> bool:
+    """Whether clean_text removes code points from `value` beyond markup and whitespace."""
+    return _UNSAFE.search(html.unescape(value[:MAX_FIELD_CHARS])) is not None
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` at most `limit` characters, cut at a word boundary when one is not too far back."""
+    if len(text) <= limit:
+        return text
+    at = text.rfind(" ", 0, limit)
+    return text[: at if at > limit // 2 else limit]
 
 
 def _strings(value: Any) -> list[str]:
@@ -183,7 +213,8 @@ def _strings(value: Any) -> list[str]:
 
 
 def _http(value: Any) -> str | None:
-    return value if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+    ok = isinstance(value, str) and value.startswith(("http://", "https://")) and not _UNSAFE.search(value)
+    return value if ok else None
 
 
 def image_url(rec: dict[str, Any]) -> str | None:
@@ -204,21 +235,33 @@ def image_url(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def item_text(title: str, rec: dict[str, Any]) -> str:
-    parts = [clean_text(s) for key in ("features", "feature", "description") for s in _strings(rec.get(key))]
-    body = " ".join(p for p in parts if p)
-    if not body:
-        return title[:MAX_TEXT_CHARS]
-    text = f"{title}{' ' if title[-1] in '.!?' else '. '}{body}"
-    if len(text) > MAX_TEXT_CHARS:
-        cut = text.rfind(" ", 0, MAX_TEXT_CHARS)
-        text = text[: cut if cut > MAX_TEXT_CHARS // 2 else MAX_TEXT_CHARS]
-    return text
+def _text_fields(rec: dict[str, Any]) -> list[str]:
+    return [s for key in ("features", "feature", "description") for s in _strings(rec.get(key))]
 
 
-def parse_meta(uri: str, fmt: AmazonFormat, wanted: set[str]) -> tuple[dict[str, RawItem], MalformedLines]:
-    """Catalog records of the `wanted` items (image: the first URL), and malformed-line counts."""
+def item_text(title: str, rec: dict[str, Any]) -> tuple[str, bool]:
+    """(title + features + description cleaned and cut to MAX_TEXT_CHARS, whether it was cut).
+
+    Fields stop being read once the text is long enough, so a huge field costs no more than a short one.
+    """
+    parts: list[str] = []
+    size = len(title)
+    for raw in _text_fields(rec):
+        if size > MAX_TEXT_CHARS:
+            break
+        if part := clean_text(raw):
+            parts.append(part)
+            size += len(part) + 1
+    text = f"{title}{' ' if title[-1] in '.!?' else '. '}{' '.join(parts)}" if parts else title
+    return cut(text, MAX_TEXT_CHARS), len(text) > MAX_TEXT_CHARS
+
+
+def parse_meta(uri: str, fmt: AmazonFormat, wanted: set[str]
+               ) -> tuple[dict[str, RawItem], MalformedLines, MalformedLines]:
+    """Catalog records of the `wanted` items (image: the first URL), malformed-line counts (skipped)
+    and repaired-line counts (kept, cleaned)."""
     bad = MalformedLines("meta")
+    repaired = MalformedLines("meta")
     found: dict[str, RawItem] = {}
     for line_no, rec in _records(uri, bad):
         item = rec.get(fmt.meta_item)
@@ -233,16 +276,23 @@ def parse_meta(uri: str, fmt: AmazonFormat, wanted: set[str]) -> tuple[dict[str,
         if item in found:
             bad.add("duplicate", line_no)
             continue
-        title = rec.get("title")
-        if title is not None and not isinstance(title, str):
+        raw_title = rec.get("title")
+        if raw_title is not None and not isinstance(raw_title, str):
             bad.add("wrong_type", line_no)
             continue
-        title = clean_text(title or "")
-        if not title:
+        raw_title = raw_title or ""
+        full_title = clean_text(raw_title)
+        if not full_title:
             bad.add("missing_title", line_no)
             continue
-        found[item] = RawItem(title, item_text(title, rec), image_url=image_url(rec))
-    return found, bad
+        title = cut(full_title, MAX_TITLE_CHARS)
+        text, text_cut = item_text(title, rec)
+        flags = {"unicode_repaired": any(has_unsafe_text(f) for f in [raw_title, *_text_fields(rec)]),
+                 "title_truncated": title != full_title, "text_truncated": text_cut}
+        for reason in (r for r, hit in flags.items() if hit):
+            repaired.add(reason, line_no)
+        found[item] = RawItem(title, text, image_url=image_url(rec))
+    return found, bad, repaired
 
 
 def image_files(images: str) -> dict[str, str]:
@@ -272,8 +322,11 @@ def load_amazon(source: str, raw: str | None, images: str | None = None) -> RawD
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(bad_reviews.counts.items())) or "empty file"
         raise ValueError(f"{reviews_uri}: no valid {source} reviews ({reasons}); "
                          f"expected fields {fmt.user}, {fmt.item}, {fmt.time}")
-    catalog, bad_meta = parse_meta(meta_uri, fmt, set(items))
+    catalog, bad_meta, repaired = parse_meta(meta_uri, fmt, set(items))
     bad_meta.warn(log, meta_uri)
+    if repaired.counts:
+        log.info("%s: kept %d record(s) after cleaning: %s", meta_uri, repaired.total(),
+                 ", ".join(f"{r} {n}" for r, n in sorted(repaired.counts.items())))
     files = {item: name for item, name in (image_files(images) if images else {}).items() if item in catalog}
     for item, name in files.items():  # a local file wins over a URL
         catalog[item] = replace(catalog[item], image_url=None, image_ext="." + name.rpartition(".")[2].lower(),
@@ -283,7 +336,7 @@ def load_amazon(source: str, raw: str | None, images: str | None = None) -> RawD
     return RawDataset(
         source=source, origin=raw, user_ids=users, item_ids=items, timestamps=np.asarray(times, np.int64),
         ratings=np.asarray(ratings, np.float64), catalog=catalog, timestamp_divisor=fmt.time_divisor,
-        skipped=bad_reviews.prefixed() + bad_meta.prefixed(),
+        skipped=bad_reviews.prefixed() + bad_meta.prefixed(), repaired=repaired.prefixed(),
         extra_meta={"files": {"reviews": posixpath.basename(reviews_uri),
                               "meta": posixpath.basename(meta_uri)}},
     )

@@ -73,6 +73,7 @@ class PrepareReport:
     interactions: int = 0
     split_sizes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # "<file>:<reason>" -> lines
+    repaired: dict[str, int] = field(default_factory=dict)  # "<file>:<reason>" -> lines kept after cleaning
     images_found: int = 0  # image files written under images/
     images_remote: int = 0  # absolute URLs kept as image_uri (not fetched)
     images_missing: int = 0  # items without any image
@@ -100,6 +101,8 @@ class PrepareReport:
         ]
         if self.skipped:
             lines.append("skipped lines: " + ", ".join(f"{k} {n:,}" for k, n in self.skipped.items()))
+        if self.repaired:
+            lines.append("repaired lines (kept): " + ", ".join(f"{k} {n:,}" for k, n in self.repaired.items()))
         return "\n".join(lines)
 
 
@@ -184,7 +187,8 @@ def prepare_dataset(cfg: PrepareConfig, out_uri: str) -> PrepareReport:
     start = time.perf_counter()
     raw = load_raw(cfg)
     report = PrepareReport(source=cfg.source, out_uri=out_uri, kcore=cfg.kcore,
-                           skipped=dict(sorted(raw.skipped.items())), raw_interactions=len(raw.user_ids))
+                           skipped=dict(sorted(raw.skipped.items())), repaired=dict(sorted(raw.repaired.items())),
+                           raw_interactions=len(raw.user_ids))
     record, user, item, source_ids = filter_records(raw, cfg.kcore, report)
     num_users, num_items = report.users, report.items
 

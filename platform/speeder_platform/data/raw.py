@@ -41,6 +41,7 @@ class RawDataset:
     catalog: dict[str, RawItem]
     timestamp_divisor: int = 1  # source units per second (1000 for milliseconds)
     skipped: Counter[str] = field(default_factory=Counter)  # "<file>:<reason>" -> lines skipped
+    repaired: Counter[str] = field(default_factory=Counter)  # "<file>:<reason>" -> lines kept after cleaning
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,105 @@
+"""Serving under fault: a replica killed under load, and image_uri values that try to escape the
+dataset. (Hostile payloads have their own test in tests/platform/test_serve.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+
+import pytest
+
+from speeder import schema
+from speeder_platform.bench_faults_data import set_image_uris
+from speeder_platform.bench_faults_serve import ESCAPING, serve_replica_killed
+from speeder_platform.recommender import Recommender
+from speeder_platform.serve_proxy import RetryOnReplicaDeath
+
+pytestmark = pytest.mark.fault
+
+
+def test_image_uris_escaping_the_dataset_are_never_served(ws, tmp_path) -> None:
+    data = str(tmp_path / "data")
+    shutil.copytree(ws.dataset, data, symlinks=True)
+    os.symlink("/etc/passwd", os.path.join(data, schema.IMAGES_DIR, "link-out.png"))
+    set_image_uris(data, ESCAPING)
+    rec = Recommender.from_checkpoint(ws.checkpoint, data)
+    for item in ESCAPING:
+        assert rec.images[item] is None and rec.image(item) is None and rec.item(item)["image_url"] is None
+    good = next(i for i in range(rec.num_items) if i not in ESCAPING and rec.images[i])
+    assert rec.image(good)[0][:4] == b"\x89PNG"
+
+
+# -- the proxy middleware, on a stand-in for Serve's proxy app (no Ray) ------------------------------
+class FlakyProxy:
+    """Sends no response (as Serve's proxy does when the replica died) for the first `failures` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        if len(self.bodies) <= self.failures:
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": body[::-1]})
+
+
+def call(app, chunks: list[bytes], headers: list | None = None) -> list[dict]:
+    """Run one HTTP request through an ASGI app; the messages it sent."""
+    sent: list[dict] = []
+    incoming = [{"type": "http.request", "body": c, "more_body": i + 1 < len(chunks)} for i, c in enumerate(chunks)]
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": headers or []}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_request_whose_replica_died_runs_again_with_the_same_body() -> None:
+    proxy = FlakyProxy(failures=2)
+    sent = call(RetryOnReplicaDeath(proxy, delays=(0.0, 0.0, 0.0)), [b'{"history": ', b"[1, 2]}"])
+    assert proxy.bodies == [b'{"history": [1, 2]}'] * 3
+    assert sent[0]["status"] == 200 and (b"x-speeder-retries", b"2") in sent[0]["headers"]
+    assert sent[1]["body"] == b'{"history": [1, 2]}'[::-1]
+
+
+def test_when_no_replica_answers_the_client_gets_a_clear_503() -> None:
+    proxy = FlakyProxy(failures=10)
+    sent = call(RetryOnReplicaDeath(proxy, delays=(0.0, 0.0)), [b"{}"])
+    assert len(proxy.bodies) == 3 and sent[0]["status"] == 503
+    assert (b"retry-after", b"2") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["field"] == "service"
+
+
+def test_bodies_over_the_replay_limit_pass_through_once() -> None:
+    proxy = FlakyProxy(failures=0)
+    sent = call(RetryOnReplicaDeath(proxy, max_replay_bytes=4), [b"abc", b"def", b"ghi"])
+    assert proxy.bodies == [b"abcdefghi"] and sent[0]["status"] == 200
+    proxy = FlakyProxy(failures=1)
+    sent = call(RetryOnReplicaDeath(proxy, max_replay_bytes=4), [b"abcdefghi"], [(b"content-length", b"9")])
+    assert len(proxy.bodies) == 1 and sent == []  # not replayable: Serve's own answer (a 500) stands
+
+
+@pytest.mark.integration
+def test_a_replica_killed_under_load_loses_no_request(ws, ray_local) -> None:
+    result = serve_replica_killed(ws)
+    assert result["passed"] and not result["data_lost"], result["observed"]
+    details = result["details"]
+    assert details["results"] == {}  # every request got a 200: no 503, no 5xx, no timeout
+    assert details["rerun"] >= 1  # some were in flight on the killed replica and ran again on the other
