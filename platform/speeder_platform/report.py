@@ -1,0 +1,277 @@
+"""`speeder report CONFIG [overrides]`: the report of a finished job, as markdown + PNG plots.
+
+    speeder job jobs/demo.yaml && speeder report jobs/demo.yaml     # -> runs/ml100k/report/report.md
+
+Reads only what the job wrote: `job_summary.json` (seconds per step), the train run's `stages.json`
+and each stage's checkpoints (`<storage>/<run>-stage<k>/checkpoint_*/meta.json`: per-epoch train loss
+and validation, plus the per-step loss curve where the trainer recorded one), `<evaluate.out>/
+metrics.json`, `<evaluate.out>/baselines.json` (popularity and SASRec on the same split; computed
+here when the job had no baselines step) and the scores partition. Writes
+`<output_root>/report/report.md`, `training_curves.png`, `accuracy.png` and `time.png`; the report
+ends with the command that opens the Gradio demo on the trained model.
+
+The plotting helpers here also draw `speeder bench quality`'s figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from speeder_platform import storage
+
+log = logging.getLogger("speeder.report")
+
+ACCURACY_KEYS = [("cand_hr@1", "HR@1 (20 cand.)"), ("full_hr@10", "HR@10 (full)"), ("full_ndcg@10", "NDCG@10 (full)")]
+PLOTS = ("training_curves.png", "accuracy.png", "time.png")
+
+
+# -- plots (shared with bench quality) ---------------------------------------------------------------
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    _pyplot().close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
+    """Training loss per step, one line per run, stages one after the other (boundaries dotted).
+
+    runs: name -> stages [{"stage", "name", "curve": [{"step", "loss"}, ...]}], steps counted per stage.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, stages in runs.items():
+        xs, ys, offset = [], [], 0
+        for stage in stages:
+            for point in stage["curve"]:
+                xs.append(offset + point["step"])
+                ys.append(point["loss"])
+            offset += stage["curve"][-1]["step"] if stage["curve"] else 0
+            if name == next(iter(runs)) and stage is not stages[-1]:
+                ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set(xlabel="optimiser step (stages in order; dotted: stage boundary)", ylabel="training loss", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_bars(rows: dict[str, dict[str, float]], path: str, title: str,
+              keys: Sequence[tuple[str, str]] = tuple(ACCURACY_KEYS)) -> None:
+    """Grouped bars: one group per metric key, one bar per model (missing metrics left out)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.6 * len(rows) * len(keys))), 4.5))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, metrics) in enumerate(rows.items()):
+        xs = [k + i * width for k, (key, _) in enumerate(keys) if metrics.get(key) is not None]
+        ys = [metrics[key] for key, _ in keys if metrics.get(key) is not None]
+        ax.bar(xs, ys, width=width, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], [label for _, label in keys])
+    ax.set(ylabel="test split", title=title)
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+
+
+def plot_time(parts: list[tuple[str, float]], path: str, title: str) -> None:
+    """Horizontal bars: seconds per part."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(parts) + 1.2))
+    labels = [p for p, _ in parts][::-1]
+    seconds = [s for _, s in parts][::-1]
+    ax.barh(labels, seconds)
+    for y, s in enumerate(seconds):
+        ax.text(s, y, f" {s:.0f}s", va="center", fontsize=8)
+    ax.set(xlabel="seconds", title=title)
+    _save(fig, path)
+
+
+# -- reading a finished job ------------------------------------------------------------------------
+def _read_json(uri: str) -> dict[str, Any] | None:
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def stage_curves(stage_dir: str) -> list[dict[str, Any]]:
+    """Per-step loss points of one stage, from its checkpoints' meta.json.
+
+    A checkpoint's `loss_curve` ([{"step", "loss"}], where the trainer records one) gives every logged
+    step; otherwise each checkpoint gives one point: its step and epoch's mean train loss.
+    """
+    if not storage.exists(stage_dir):
+        return []
+    points: dict[int, float] = {}
+    for name in storage.listdir(stage_dir):
+        meta = _read_json(storage.join(stage_dir, name, "meta.json")) if name.startswith("checkpoint_") else None
+        if meta is None:
+            continue
+        for point in meta.get("loss_curve") or []:
+            points[int(point["step"])] = float(point["loss"])
+        loss = meta.get("metrics", {}).get("train_loss")
+        if loss is not None and loss == loss:  # not NaN
+            points.setdefault(int(meta["step"]), float(loss))
+    return [{"step": s, "loss": points[s]} for s in sorted(points)]
+
+
+def collect(cfg: Any) -> dict[str, Any]:
+    """Everything the report shows, read from the job's outputs (missing parts are None / empty)."""
+    from speeder_platform.train import STAGES_FILE, run_uri
+
+    root = run_uri(cfg)
+    stages = (_read_json(storage.join(root, STAGES_FILE)) or {}).get("stages", [])
+    for stage in stages:
+        # Each stage is its own Ray Train run; its steps count from 0.
+        stage["curve"] = stage_curves(storage.join(cfg.trainer.storage_path,
+                                                   f"{cfg.trainer.run_name}-stage{stage['stage']}"))
+    return {
+        "summary": _read_json(storage.join(cfg.output_root, "job_summary.json")),
+        "stages": stages,
+        "metrics": _read_json(storage.join(cfg.evaluate.out, "metrics.json")),
+        "baselines": _read_json(storage.join(cfg.evaluate.out, "baselines.json")),
+    }
+
+
+def time_parts(summary: dict[str, Any], stages: list[dict[str, Any]],
+               order: Sequence[str] = ()) -> list[tuple[str, float, str]]:
+    """(part, seconds, details) per job step, in the spec's `order` (job_summary.json sorts its keys)."""
+    parts = []
+    rank = {step: i for i, step in enumerate(order)}
+    for step, info in sorted(summary["steps"].items(), key=lambda kv: rank.get(kv[0], len(rank))):
+        result = info.get("result") or {}
+        details = ""
+        if step == "prepare":
+            details = "reused" if result.get("skipped") else (f"{result.get('users', 0):,} users, "
+                                                              f"{result.get('items', 0):,} items")
+        elif step == "featurize":
+            details = (f"{result.get('mode', '?')}: encoders {result.get('encode_seconds', 0):.0f}s, "
+                       f"SASRec {result.get('sequence_seconds', 0):.0f}s ({result.get('sasrec', '-')})")
+        elif step == "train":
+            details = ", ".join(f"stage {s['stage']} ({s['name']}) {s.get('seconds', 0):.0f}s" for s in stages)
+        elif step == "evaluate":
+            details = f"{result.get('metrics', {}).get('cand_samples', 0):,} users, both protocols"
+        elif step == "score":
+            details = f"{result.get('users_scored', 0):,} users at {result.get('users_per_s', 0):.1f} users/s"
+        elif step == "baselines":
+            details = f"{', '.join(result.get('models', {}))} on {result.get('samples', 0):,} users"
+        parts.append((step, float(info["seconds"]), details))
+    return parts
+
+
+def time_table(parts: list[tuple[str, float, str]], summary: dict[str, Any]) -> str:
+    total = float(summary["seconds"])
+    lines = ["| step | seconds | share | details |", "|---|---|---|---|"]
+    for step, seconds, details in parts:
+        lines.append(f"| {step} | {seconds:.1f} | {100 * seconds / max(total, 1e-9):.0f}% | {details} |")
+    lines.append(f"| **total** | **{total:.1f}** | 100% | {total / 60:.1f} minutes, Ray: {summary.get('ray', '?')} |")
+    return "\n".join(lines)
+
+
+def scores_sample(cfg: Any, score: dict[str, Any], users: int = 3, k: int = 5) -> str:
+    """A few users' top-k from the committed partition, by title."""
+    from speeder import schema
+
+    table = storage.read_table(score["partition"]).sort_by(schema.USER_ID).slice(0, users).to_pylist()
+    items = storage.read_table(storage.join(cfg.data.uri, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.TITLE])
+    titles = dict(zip(items.column(schema.ITEM_ID).to_pylist(), items.column(schema.TITLE).to_pylist(), strict=True))
+    lines = ["| user | top recommendations (score) |", "|---|---|"]
+    for row in table:
+        recs = "; ".join(f"{titles.get(i, i)} ({s:.2f})" for i, s in zip(row["item_ids"][:k], row["scores"][:k],
+                                                                       strict=True))
+        lines.append(f"| {row[schema.USER_ID]} | {recs} |")
+    return "\n".join(lines)
+
+
+def accuracy_rows(data: dict[str, Any]) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
+    if data["metrics"]:
+        rows[f"Speeder ({data['metrics']['model_version']})"] = data["metrics"]["metrics"]
+    if data["baselines"]:
+        rows.update(data["baselines"]["models"])
+    return rows
+
+
+def render(cfg: Any, data: dict[str, Any], command: list[str], out: str) -> str:
+    """report.md; draws the plots into `out` as a side effect."""
+    from speeder_platform.evaluate import metrics_table
+    from speeder_platform.train import TrainSummary
+
+    m = cfg.model
+    layers = f", first {m.num_layers} decoder layers" if m.num_layers else ""
+    spec = shlex.join(command[2:])
+    lines = [f"# Speeder run report: {spec}", "",
+             f"The job `speeder job {spec}`, reported by `{shlex.join(command)}`. Backbone {m.backbone}{layers}, "
+             f"LoRA r={m.lora.r} alpha={m.lora.alpha}; modalities {', '.join(m.modalities)}; dataset "
+             f"{cfg.data.uri}; outputs under {cfg.output_root}.", ""]
+    summary, stages = data["summary"], data["stages"]
+    if summary:
+        parts = time_parts(summary, stages, cfg.steps)
+        plot_time([(p, s) for p, s, _ in parts], storage.join(out, "time.png"), "Where the time went")
+        lines += ["## Where the time went", "", time_table(parts, summary), "", "![time](time.png)", ""]
+    if stages:
+        runs = {"Speeder": [s for s in stages if s.get("curve")]}
+        if runs["Speeder"]:
+            plot_curves(runs, storage.join(out, "training_curves.png"), "Training loss per MPO stage")
+        lines += ["## Training (MPO stages)", "", TrainSummary(checkpoint=stages[-1]["checkpoint"],
+                                                               stages=stages).table(), ""]
+        lines += ["![training curves](training_curves.png)", ""] if runs["Speeder"] else []
+    rows = accuracy_rows(data)
+    if rows:
+        plot_bars(rows, storage.join(out, "accuracy.png"), f"{cfg.evaluate.split} split: Speeder vs baselines")
+        users = next(iter(rows.values())).get("cand_samples", 0)
+        lines += [f"## Accuracy, {cfg.evaluate.split} split ({users:,} users, same candidates for every model)", "",
+                  metrics_table(rows), "", "![accuracy](accuracy.png)", ""]
+    score = ((summary or {}).get("steps", {}).get("score") or {}).get("result")
+    if score and storage.exists(score["partition"]):
+        lines += ["## Batch scoring", "", f"{score['users_scored']:,} users scored (top-{score['k']}) by "
+                  f"{score['model_version']} in {score['seconds']:.1f}s -> `{score['partition']}`", "",
+                  scores_sample(cfg, score), ""]
+    ui = shlex.join(["speeder", "ui", *command[2:]])
+    lines += ["## Try it", "", "Open the Gradio demo on this model (http://127.0.0.1:7860):", "", "```",
+              ui, "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(config: str, overrides: list[str], out: str | None = None, baselines: bool = True) -> str:
+    """Collect a finished job's outputs and write report.md + plots; returns the report's URI."""
+    from speeder_platform.config import load_config
+
+    cfg = load_config(config, overrides)
+    out = out or storage.join(cfg.output_root, "report")
+    data = collect(cfg)
+    if data["summary"] is None and not data["stages"]:
+        raise FileNotFoundError(f"no finished job under {cfg.output_root}: run `speeder job {config}` first")
+    if data["baselines"] is None and baselines:
+        from speeder_platform.baselines_eval import run_baselines
+
+        data["baselines"] = run_baselines(cfg)
+    uri = storage.join(out, "report.md")
+    storage.write_bytes(uri, render(cfg, data, ["speeder", "report", config, *overrides], out).encode())
+    return uri
+
+
+def main(argv: list[str]) -> int:
+    """`speeder report CONFIG [overrides] [--out DIR] [--no-baselines]`."""
+    parser = argparse.ArgumentParser(prog="speeder report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="the job spec the run was made with (jobs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="the same dotlist overrides as the job")
+    parser.add_argument("--out", help="report folder (default <output_root>/report)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="do not compute popularity/SASRec when the job wrote no baselines.json")
+    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    uri = write_report(args.config, args.overrides, args.out, baselines=not args.no_baselines)
+    sys.stdout.write(f"report: {uri}\n")
+    return 0

@@ -1,0 +1,150 @@
+"""`speeder bench quality`: the cold-start split, masked modalities, baseline ranking, and a whole tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from speeder import schema
+from speeder.baselines.popularity import Popularity
+from speeder.loop import Samples
+from speeder_platform import bench_quality_data, storage
+from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
+from speeder_platform.bench_quality import main
+from speeder_platform.bench_quality_data import hold_out_items, mask_modality, warm_train_samples
+from speeder_platform.config import to_dict
+from speeder_platform.featurize import features_dir
+from speeder_platform.featurize_seq import sequence_features
+from speeder_platform.tables import features_uri
+from testkit.datasets import prepare_synthetic
+from testkit.model import make_features
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_cold_start_split_keeps_held_out_items_out_of_every_training_sample() -> None:
+    rng = np.random.default_rng(0)
+    n, h = 50, 6
+    histories = [rng.choice(n, rng.integers(1, h + 1), replace=False).tolist() for _ in range(400)]
+    train = Samples.from_rows(histories, rng.integers(0, n, 400), [[0]] * 400, max_history=h)
+    held = hold_out_items(n, 0.1, seed=3)
+    assert len(held) == 5 and np.array_equal(held, hold_out_items(n, 0.1, seed=3))  # seeded
+    warm_samples, warm = warm_train_samples(train, held, n, h)
+    assert np.array_equal(np.sort(np.concatenate([warm, held])), np.arange(n))
+    items = [warm[row[row >= 0]] for row in warm_samples.history] + [warm[warm_samples.target]]
+    assert not np.isin(np.concatenate(items), held).any()
+    assert (warm_samples.target < len(warm)).all() and (warm_samples.history < len(warm)).all()
+    kept = ~np.isin(train.target, held)
+    assert len(warm_samples) <= kept.sum() and len(warm_samples) > 0.8 * kept.sum()
+    # The warm histories are the original ones with the held-out items cut out, order kept.
+    first = np.flatnonzero(kept)[0]
+    original = train.history[first][train.history[first] >= 0]
+    assert warm[warm_samples.history[0][warm_samples.history[0] >= 0]].tolist() == \
+        [i for i in original.tolist() if i not in set(held.tolist())]
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_missing_modality_masks_exactly_the_requested_share(modality: str) -> None:
+    features = make_features(n=40, image_rate=0.7, seed=1)
+    active = ["text", "vision", "sequence"]
+    had = int(features.masks()[modality].sum())
+    masked, counts = mask_modality(features, modality, 0.3, seed=0, active=active)
+    after = masked.masks()[modality]
+    assert counts == {"had": had, "requested": round(0.3 * had), "masked": round(0.3 * had)}
+    assert int(features.masks()[modality].sum()) - int(after.sum()) == round(0.3 * had)
+    assert int(features.masks()[modality].sum()) == had  # the input is not changed
+    for other in (m for m in active if m != modality):
+        assert torch.equal(masked.masks()[other], features.masks()[other])
+    lost = features.masks()[modality] & ~after
+    assert bool((masked.text_mask | masked.image_mask | masked.sequence_mask)[lost].all())
+    again, _ = mask_modality(features, modality, 0.3, seed=0, active=active)
+    assert torch.equal(again.masks()[modality], after)  # seeded
+
+
+def test_text_can_only_be_dropped_where_another_modality_remains() -> None:
+    features = make_features(n=20, image_rate=0.0)
+    _, counts = mask_modality(features, "text", 0.5, seed=0, active=["text", "vision"])
+    assert counts["requested"] == 10 and counts["masked"] == 0  # no image to fall back on
+
+
+def test_baseline_ranks_mask_history_but_never_the_target() -> None:
+    pop = Popularity(6, np.array([5, 5, 5, 4, 4, 3]))  # counts: 5 -> 3, 4 -> 2, 3 -> 1, others 0
+    samples = Samples.from_rows([[5], [5, 4, 3]], [4, 3], [[4, 0, 1], [3, 0, 1]], max_history=3)
+    ranks = rank_with(popularity_scorer(pop), samples)
+    assert ranks["candidates"].tolist() == [0, 0]
+    # User 0: item 5 (history) is masked, so 4 is first. User 1: 5 and 4 are masked, 3 is in the
+    # history too but is the target (a re-consumed item), so it stays and comes first.
+    assert ranks["full"].tolist() == [0, 0]
+    assert rank_with(popularity_scorer(pop), samples.subset(np.array([1])))["full"].tolist() == [0]
+    metrics = metrics_from_ranks(ranks)
+    assert metrics["cand_hr@1"] == 1.0 and metrics["full_hr@10"] == 1.0 and metrics["cand_valid_ratio"] == 1.0
+
+
+def write_features(cfg) -> dict:
+    """Random text/image vectors plus a real (tiny) SASRec's seq_emb, as featurize would lay them out."""
+    uri = cfg.data.uri
+    n = storage.read_table(storage.join(uri, schema.ITEMS_FILE)).num_rows
+    settings = {**to_dict(cfg.featurize.sasrec), "epochs": 2, "hidden_size": 16, "num_heads": 2}
+    cfg.featurize.sasrec.epochs, cfg.featurize.sasrec.hidden_size = 2, 16
+    seq = sequence_features(uri, features_dir(cfg), settings, n)
+    rng = np.random.default_rng(0)
+
+    def column(values: np.ndarray, present: np.ndarray) -> pa.Array:
+        return pa.array([v.tolist() if p else None for v, p in zip(values, present, strict=True)],
+                        type=pa.list_(pa.float32()))
+
+    table = pa.table({schema.ITEM_ID: pa.array(np.arange(n), pa.int64()),
+                      schema.TEXT_EMB: column(rng.standard_normal((n, 16)), np.ones(n, bool)),
+                      schema.IMAGE_EMB: column(rng.standard_normal((n, 8)), rng.random(n) < 0.8),
+                      schema.SEQ_EMB: column(seq.values, seq.present)})
+    storage.write_table(table, features_uri(uri, cfg.featurize.name))
+    return {"mode": "test", "seconds": 0.0, "dims": {}}
+
+
+def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch) -> None:
+    data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
+    monkeypatch.setattr(bench_quality_data, "ensure_features", write_features)  # no Ray, no encoders
+    out = tmp_path / "out"
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out), "--steps", "3",
+                 "--batch-size", "8", "--llara-steps", "1", "--llara-eval-users", "4", "--valid-users", "8"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    ds = results["datasets"]["synthetic"]
+    expected = {"Popularity", "SASRec", "Speeder", "no PPT", "no PPL", "no MPO", "text only", "no vision",
+                "LLaRA-style"}
+    assert set(ds["models"]) == expected
+    for name, row in ds["models"].items():
+        m = row["metrics"]
+        assert 0.0 <= m["cand_hr@1"] <= 1.0 and 0.0 <= m["cand_valid_ratio"] <= 1.0, name
+        if name != "LLaRA-style":
+            assert m["cand_valid_ratio"] == 1.0 and 0.0 <= m["full_hr@10"] <= 1.0, name
+            assert row["test_users"] == ds["data"]["test"]
+    assert ds["models"]["LLaRA-style"]["test_users"] == 4
+    assert [s["stage"] for s in ds["curves"]["Speeder"]] == [1, 2, 3]
+    assert [s["stage"] for s in ds["curves"]["text only"]] == [1]
+    assert [s["steps"] for s in ds["curves"]["Speeder"]] == [3, 3, 3] and ds["curves"]["no MPO"][0]["steps"] == 9
+    cold = ds["cold_start"]
+    assert cold["held_out_items"] == 5 and cold["test_cold"] + cold["test_warm"] == ds["data"]["test"]
+    assert set(cold["models"]) == {"Speeder", "Speeder, content tokens only (text + vision)", "SASRec", "Popularity"}
+    assert set(ds["missing"]) == {"vision", "text"}
+    for r in ds["missing"].values():
+        assert r["masked"] == round(0.3 * r["had"])
+    assert set(ds["checks"]) == {"vision_adds", "sequence_adds"}
+    md = (out / "results.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in md
+    assert "Cold-start items" in md and "Missing modalities" in md
+    for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_bench_quality_help_and_bad_variant(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0 and "--dataset" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["--variants", "Speeder,no such"])
+    assert exit_bad.value.code == 2 and "no such" in capsys.readouterr().err
