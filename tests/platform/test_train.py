@@ -15,6 +15,7 @@ import pytest
 
 from speeder.checkpoint import read_meta
 from speeder_platform import storage
+from speeder_platform.bench_faults_train import registered_checkpoints
 from speeder_platform.evaluate import load_trained
 from speeder_platform.train import final_checkpoint, run_training, run_uri
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
@@ -85,13 +86,15 @@ def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_p
     errors: list[str] = []
     gcs = ray.get_runtime_context().gcs_address  # this test's Ray, whatever else runs on the machine
 
-    def kill_a_worker_after_two_checkpoints() -> None:
-        # Two complete checkpoints: the first has surely been registered by Ray Train (a folder still
-        # being uploaded when its worker dies is, rightly, not a checkpoint to resume from).
+    def kill_a_worker_after_a_registered_checkpoint() -> None:
+        # Only a checkpoint Ray Train's controller has registered (it is in its snapshot file) is one to
+        # resume from: a folder uploaded by a worker killed before the controller polled its report is,
+        # rightly, not. Waiting for complete folders alone raced with that poll on a fast machine.
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             try:
-                if len(complete_checkpoints(stage_dir_of(cfg))) >= 2:
+                latest, _ = registered_checkpoints(stage_dir_of(cfg))
+                if latest is not None:
                     workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"),
                                                                 ("state", "=", "ALIVE")])
                     if workers:
@@ -102,7 +105,7 @@ def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_p
                 errors.append(repr(err))
             time.sleep(0.3)
 
-    killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_after_a_registered_checkpoint, daemon=True)
     killer.start()
     summary = run_training(cfg)
     killer.join(timeout=5)

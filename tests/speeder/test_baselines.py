@@ -49,7 +49,7 @@ def test_training_lowers_the_answer_loss_and_generation_runs() -> None:
     history, cands, target = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]]), torch.tensor([[8, 9], [12, 13]]), \
         torch.tensor([9, 13])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    first = float(model(history, target, cands))
+    first = model(history, target, cands).item()
     for _ in range(25):
         loss = model(history, target, cands)
         opt.zero_grad()
