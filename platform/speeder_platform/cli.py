@@ -279,12 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASS_THROUGH = (("bench", "quality"), ("bench", "faults"), ("report",))  # commands that parse their own options
+
+
+def _command_end(argv: list[str]) -> int:
+    """Index in argv just after a pass-through command's words (global options may come before them)."""
+    for words in PASS_THROUGH:
+        for i in range(len(argv) - len(words) + 1):
+            if tuple(argv[i:i + len(words)]) == words and all(a.startswith("-") for a in argv[:i]):
+                return i + len(words)
+    raise AssertionError(f"not a pass-through command: {argv}")
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     # Overrides (key=value) may come anywhere, also after options: `prepare X --out Y a.b=1`.
     args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "args"):  # a command with its own parser: every word after the command is its own
+        at = _command_end(argv)
+        args.args, extra = argv[at:], []
+        if args.args[:1] == ["--"]:
+            args.args = args.args[1:]
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
