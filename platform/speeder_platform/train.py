@@ -120,7 +120,7 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "stage": stage.index, "init_checkpoint": init,
-                               "steps_per_epoch": steps, "threads": max(1, int(cpus))},
+                               "steps_per_epoch": steps, "threads": max(1, math.ceil(cpus))},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": cpus},
                                          placement_strategy=t.placement_strategy),
