@@ -50,7 +50,7 @@ class Budget:
     lr: float = 1e-3  # MRC, PPL, heads (and the LLaRA projector)
     lora_lr: float = 3e-4
     text_lr_scale: float = 0.1  # MPO stage 2
-    negative_cache_steps: int = 10  # the trainer's default
+    negative_cache_steps: int = 0  # the trainer's default (fresh tokens for every item)
     curve_points: int = 8  # loss points per stage
     valid_users: int = 300  # stage-end validation on a seeded subset of the valid split (0: all)
     llara_steps: int = 60
