@@ -35,7 +35,10 @@ def registered_checkpoints(stage_dir: str) -> tuple[dict[str, Any] | None, list[
     uri = storage.join(stage_dir, SNAPSHOT)
     if not storage.exists(uri):
         return None, []
-    snapshot = storage.read_json(uri)
+    try:
+        snapshot = storage.read_json(uri)
+    except (FileNotFoundError, ValueError):  # replaced or half-written while we read it: nothing registered yet
+        return None, []
     return snapshot.get("latest_checkpoint_result"), [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
 
 

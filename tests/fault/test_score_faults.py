@@ -21,7 +21,7 @@ def test_a_killed_scorer_actor_is_restarted_and_every_user_scored_once(ws, ray_l
 
 
 def test_an_s3_outage_during_the_write_is_retried_and_never_shows_a_partial_partition(ws, ray_local) -> None:
-    result = score_s3_outage(ws)
+    result = score_s3_outage(ws, users=300)
     assert result["passed"] and not result["data_lost"], result["observed"]
     details = result["details"]
     assert details["outages"] == ["parquet writes", "commit"]

@@ -35,6 +35,20 @@ def test_smoke_job_runs_end_to_end_with_the_cli(tmp_path) -> None:
     scores = read_scores(str(out / "scores"), "2026-11-27")
     assert scores.num_rows == 80 and len(set(scores.column("user_id").to_pylist())) == 80
 
+    # The report of the finished job (as `make demo` writes it): time per step, curves, baselines, UI command.
+    report = subprocess.run([sys.executable, "-m", "speeder_platform.cli", "report", "jobs/smoke.yaml",
+                             f"output_root={out}", *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-4000:]
+    text = (out / "report" / "report.md").read_text()
+    assert f"| **total** | **{summary['seconds']:.1f}** |" in text
+    assert "| 1 text | text |" in text and "| SASRec |" in text and "| Popularity |" in text
+    assert "80 users scored" in text
+    assert text.rstrip().endswith("```") and f"speeder ui jobs/smoke.yaml output_root={out}" in text
+    baselines = json.loads((out / "eval" / "baselines.json").read_text())["models"]
+    assert 0 <= baselines["SASRec"]["full_hr@10"] <= 1
+    for png in ("training_curves.png", "accuracy.png", "time.png"):
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_smoke_job_with_everything_on_s3(ray_local, s3_bucket) -> None:
     root = f"{s3_bucket}/smoke"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -100,22 +99,3 @@ def test_report_without_a_job_fails_clearly(tmp_path) -> None:
     spec.write_text(to_yaml(tiny_config(str(tmp_path))))
     with pytest.raises(FileNotFoundError, match="no finished job"):
         main([str(spec)])
-
-
-@pytest.mark.integration
-def test_report_of_a_real_job(ray_local, tmp_path) -> None:
-    from speeder_platform.config import load_config
-    from speeder_platform.jobs import run_steps
-
-    overrides = [f"output_root={tmp_path}", "prepare.synthetic.num_users=60", "prepare.synthetic.num_items=80",
-                 "featurize.vision_encoder=none", "trainer.stages=[1]", "trainer.run_name=report-test"]
-    cfg = load_config("jobs/smoke.yaml", overrides)
-    summary = run_steps(cfg)
-    assert main(["jobs/smoke.yaml", *overrides]) == 0
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert f"| **total** | **{summary['seconds']:.1f}** |" in report
-    assert "| 1 text | text |" in report and "| SASRec |" in report and "users scored" in report
-    assert "speeder ui jobs/smoke.yaml output_root=" in report
-    assert np.isfinite(json.loads((tmp_path / "eval" / "baselines.json").read_text())["models"]["SASRec"]
-                       ["full_hr@10"])
-    assert (tmp_path / "report" / "training_curves.png").read_bytes()[:8] == PNG
