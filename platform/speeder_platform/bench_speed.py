@@ -100,13 +100,16 @@ def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
         lengths = (torch.from_numpy(te.history) >= 0).sum(1) + model.prompt.template_length
         out["tokens_per_sample"] = float(lengths.float().mean())
         step = iter(range(1, 10**6))
-        # The training default: catalog softmax with cached negatives refreshed every 10 steps; its
-        # refresh cost is amortised over those steps here.
-        cache = NegativeCache(10)
-        cache.get(model, features, ["text", "sequence"], 0)
-        t0 = time.perf_counter()
-        cache.get(model, features, ["text", "sequence"], 10)
-        refresh = (time.perf_counter() - t0) / 10
+        # The trainer's negative cache setting (default 0: every step passes the whole catalog through MRC
+        # with gradients); with a cache, its refresh cost is amortised over `refresh_every` steps.
+        refresh_every = args["negative_cache_steps"]
+        cache = NegativeCache(refresh_every)
+        refresh = 0.0
+        if refresh_every > 0:
+            cache.get(model, features, ["text", "sequence"], 0)
+            t0 = time.perf_counter()
+            cache.get(model, features, ["text", "sequence"], refresh_every)
+            refresh = (time.perf_counter() - t0) / refresh_every
         out["train_step_s"] = refresh + _timed(
             lambda: train_step(model, opt, batches[next(step) % len(batches)], features, ["text", "sequence"],
                                step=0, loss_pool=args["loss_pool"], cache=cache), args["train_steps"])
@@ -180,12 +183,21 @@ def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = None, dataset: str = DEFAULT_DATASET,
                     history: int = 20, train_batch: int = 4, train_steps: int = 3, infer_batch: int = 8,
-                    infer_batches: int = 3, threads: int = 2, loss_pool: str = "catalog") -> dict[str, Any]:
-    """Measure both systems (each in a fresh process) and compute the ratios."""
+                    infer_batches: int = 3, threads: int = 2, loss_pool: str = "catalog",
+                    negative_cache_steps: int | None = None) -> dict[str, Any]:
+    """Measure both systems (each in a fresh process) and compute the ratios.
+
+    negative_cache_steps: Speeder's catalog-token cache (None: the trainer's default, see TrainerConfig).
+    """
+    if negative_cache_steps is None:
+        from speeder_platform.config import TrainerConfig
+
+        negative_cache_steps = TrainerConfig().negative_cache_steps
     _ensure_dataset(dataset)
     args = {"backbone": backbone, "num_layers": num_layers, "dataset": dataset, "history": history,
             "train_batch": train_batch, "train_steps": train_steps, "infer_batch": infer_batch,
-            "infer_batches": infer_batches, "threads": threads, "loss_pool": loss_pool}
+            "infer_batches": infer_batches, "threads": threads, "loss_pool": loss_pool,
+            "negative_cache_steps": negative_cache_steps}
     results = {}
     for system in ("speeder", "llara"):
         log.info("measuring %s (%s)...", system, backbone)

@@ -139,7 +139,8 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
     report = run_bench_speed(backbone=args.backbone, num_layers=args.num_layers, dataset=args.dataset,
                              history=args.history, train_batch=args.train_batch, train_steps=args.train_steps,
-                             infer_batch=args.infer_batch, infer_batches=args.infer_batches, threads=args.threads)
+                             infer_batch=args.infer_batch, infer_batches=args.infer_batches, threads=args.threads,
+                             negative_cache_steps=args.negative_cache_steps)
     if args.out:
         storage.write_json(args.out, report)
     sys.stdout.write(format_report(report) + "\n" + json.dumps({k: report[k] for k in (
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     bspeed.add_argument("--infer-batch", type=int, default=8)
     bspeed.add_argument("--infer-batches", type=int, default=3, help="timed batches (after one warm-up)")
     bspeed.add_argument("--threads", type=int, default=2)
+    bspeed.add_argument("--negative-cache-steps", type=int, help="Speeder's catalog-token cache "
+                        "(default: the trainer's, 0 = fresh tokens for every item at every step)")
     bspeed.add_argument("--out", help="write the figures as JSON here")
     bspeed.set_defaults(func=_cmd_bench_speed)
     bquality = bsub.add_parser("quality", help="test-split tables: baselines, Speeder and its ablations, cold-start "
