@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -140,7 +141,9 @@ def run_variants(data: BenchData, base: list[str], names: list[str], budget: Bud
             rows[name] = {"same_as": "Speeder", "note": "identical to Speeder on this catalog (nothing to ablate)"}
             continue
         log.info("== %s on %s: %s", name, data.name, ", ".join(VARIANTS[name]) or "the full model")
-        steps = budget.steps if cfg.use_mpo else budget.steps * full_stages  # no MPO: the same compute
+        # Every variant gets the full model's compute: its total steps spread over the stages it runs
+        # (no MPO: all in one stage; text only: all in stage 1; no vision: over stages 1 and 3).
+        steps = math.ceil(budget.steps * full_stages / len(plan_for(cfg, data.features)))
         trained = train_speeder(cfg, data.train, valid_subset(data.valid, budget.valid_users, seed), data.features,
                                 budget, seed, steps_per_stage=steps)
         t0 = time.perf_counter()
@@ -196,8 +199,11 @@ def run_cold_start(data: BenchData, base: list[str], budget: Budget, seed: int, 
     speeders = {"Speeder": [], f"Speeder, content tokens only ({' + '.join(content)})":
                 [f"model.modalities=[{','.join(content)}]"]}
     ranks, seconds = {}, {}
+    full_stages = len(plan_for(model_config(base, []), warm))
     for name, overrides in speeders.items():
-        trained = train_speeder(model_config(base, overrides), cold.train, None, warm, budget, seed)
+        cfg = model_config(base, overrides)
+        steps = math.ceil(budget.steps * full_stages / len(plan_for(cfg, warm)))  # the same compute for both
+        trained = train_speeder(cfg, cold.train, None, warm, budget, seed, steps_per_stage=steps)
         ranks[name], seconds[name] = speeder_ranks(trained, data.test, features), round(trained.seconds, 1)
     sequences, num_items = train_item_counts(data.uri)
     popularity = popularity_from_sequences([s[~cold.is_held_out(s)] for s in sequences], num_items)

@@ -44,11 +44,13 @@ def _num_s(seconds: float | None) -> str:
 def budget_text(ds: dict[str, Any]) -> str:
     b = ds["budget"]
     layers = f" (first {ds['num_layers']} layers)" if ds.get("num_layers") else ""
+    cache = (f"cached negatives refreshed every {b['negative_cache_steps']} steps" if b.get("negative_cache_steps")
+             else "fresh tokens for every item at every step")
     return (f"Backbone {ds['backbone']}{layers} with LoRA for Speeder and the multi-token baseline, torch threads "
-            f"{ds['threads']}. Speeder variants: {b['steps']} optimiser steps of batch {b['batch_size']} in each MPO "
-            f"stage a variant runs, no MPO the full model's total in its one stage (catalog softmax, cached "
-            f"negatives refreshed every "
-            f"{b['negative_cache_steps']} steps, lr {b['lr']:g}, LoRA lr {b['lora_lr']:g}); stage-end validation on "
+            f"{ds['threads']}. Speeder variants: {b['steps']} optimiser steps of batch {b['batch_size']} in each of "
+            f"the full model's MPO stages; every variant gets that total, spread over the stages it runs (no MPO, "
+            f"text only: all in one stage) (catalog softmax, {cache}, "
+            f"lr {b['lr']:g}, LoRA lr {b['lora_lr']:g}); stage-end validation on "
             f"{b['valid_users'] or 'all'} valid users. Multi-token baseline: {b['llara_steps']} steps of batch "
             f"{b['llara_batch_size']} (teacher forcing on candidate prompts), evaluated on "
             f"{b['llara_eval_users'] or 'all'} seeded test users (generation; no full-ranking figure). SASRec: "

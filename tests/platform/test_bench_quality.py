@@ -126,6 +126,9 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     assert [s["stage"] for s in ds["curves"]["Speeder"]] == [1, 2, 3]
     assert [s["stage"] for s in ds["curves"]["text only"]] == [1]
     assert [s["steps"] for s in ds["curves"]["Speeder"]] == [3, 3, 3] and ds["curves"]["no MPO"][0]["steps"] == 9
+    # The same compute for every variant: text only spends all 9 steps in stage 1, no vision ~9 in 2 stages.
+    assert [s["steps"] for s in ds["curves"]["text only"]] == [9]
+    assert [s["steps"] for s in ds["curves"]["no vision"]] == [5, 5]
     cold = ds["cold_start"]
     assert cold["held_out_items"] == 5 and cold["test_cold"] + cold["test_warm"] == ds["data"]["test"]
     assert set(cold["models"]) == {"Speeder", "Speeder, content tokens only (text + vision)", "SASRec", "Popularity"}
