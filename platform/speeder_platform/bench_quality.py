@@ -9,8 +9,9 @@ Per dataset (ML-100K and the synthetic multimodal catalog, DESIGN 3.3), on the s
 - Popularity, SASRec (featurize's, loaded), the multi-token LLaRA-style baseline (same backbone and
   LoRA as Speeder; small stated budget, evaluated on a seeded subset of test users: it generates), and
   Speeder with its ablations: no PPT, no PPL, no MPO (every modality from the start), text only,
-  no vision. A variant identical to Speeder on a catalog (no vision on ML-100K: no images) is not
-  trained twice.
+  no vision, no sequence (text + vision). Every variant gets the full model's optimiser steps. A
+  variant identical to one already trained on a catalog (no vision = Speeder and no sequence = text
+  only on ML-100K: no images) is not trained twice.
 - Cold start: 10% of the items held out of training entirely; HR@1 on test samples whose target is
   one of them (Speeder ranks them by content; SASRec has only an untrained id embedding).
 - Missing modalities: 30% of the images (when the catalog has them) or texts masked at test time.
@@ -135,11 +136,14 @@ def run_variants(data: BenchData, base: list[str], names: list[str], budget: Bud
     rows, curves, speeder = {}, {}, None
     reference = _effective(model_config(base, []), data)
     full_stages = len(reference[0])
+    trained_as: dict[tuple, str] = {reference: "Speeder"}  # what each effective model was reported as
     for name in names:
         cfg = model_config(base, VARIANTS[name])
-        if name != "Speeder" and _effective(cfg, data) == reference:
-            rows[name] = {"same_as": "Speeder", "note": "identical to Speeder on this catalog (nothing to ablate)"}
+        same = trained_as.get(_effective(cfg, data))
+        if name != "Speeder" and same is not None:
+            rows[name] = {"same_as": same, "note": f"identical to {same} on this catalog (nothing to ablate)"}
             continue
+        trained_as[_effective(cfg, data)] = name
         log.info("== %s on %s: %s", name, data.name, ", ".join(VARIANTS[name]) or "the full model")
         # Every variant gets the full model's compute: its total steps spread over the stages it runs
         # (no MPO: all in one stage; text only: all in stage 1; no vision: over stages 1 and 3).
@@ -273,13 +277,15 @@ def data_info(data: BenchData) -> dict[str, Any]:
 
 
 def modality_checks(rows: dict[str, dict]) -> dict[str, Any]:
-    """Does each modality add accuracy? Speeder vs no vision (vision), no vision vs text only (sequence).
+    """Does each modality add accuracy? Speeder vs no vision (vision beside text and ids), no sequence vs
+    text only (vision where no item ids are known: content alone), no vision vs text only (sequence).
 
     The gain in HR@1 comes with a paired 95% interval: both models answer the same test users, so the
     standard error is that of the per-user difference of hits.
     """
     out = {}
     for check, with_it, without in (("vision_adds", "Speeder", "no vision"),
+                                    ("vision_adds_to_text", "no sequence", "text only"),
                                     ("sequence_adds", "no vision", "text only")):
         a, b = rows.get(with_it, {}).get("ranks"), rows.get(without, {}).get("ranks")
         if a is None or b is None:

@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "no MPO": ["model.use_mpo=false"],
     "text only": ["model.modalities=[text]"],
     "no vision": ["model.modalities=[text,sequence]"],
+    "no sequence": ["model.modalities=[text,vision]"],  # content only: what vision adds where ids do not
 }
 
 

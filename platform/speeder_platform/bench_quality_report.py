@@ -58,10 +58,14 @@ def budget_text(ds: dict[str, Any]) -> str:
             f"RecBole defaults). Popularity: train interactions. Wall time {ds['seconds']} s.")
 
 
+CHECK_NAMES = {"vision_adds": "vision (beside text and sequence)", "vision_adds_to_text": "vision (content only: "
+               "text + vision vs text)", "sequence_adds": "sequence"}
+
+
 def checks_text(checks: dict[str, Any]) -> list[str]:
     lines = []
     for name, c in checks.items():
-        what = name.replace("_adds", "")
+        what = CHECK_NAMES.get(name, name)
         verdict = "yes" if c["significant"] else ("not significantly" if c["holds"] else "no")
         lines.append(f"- {what} adds accuracy: **{verdict}** ({c['with']} HR@1 {c['hr@1_with']:.4f} vs "
                      f"{c['without']} {c['hr@1_without']:.4f}: {c['gain']:+.4f} +- {c['ci95']:.4f}, paired 95% "

@@ -114,7 +114,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     results = json.loads((out / "results.json").read_text())
     ds = results["datasets"]["synthetic"]
     expected = {"Popularity", "SASRec", "Speeder", "no PPT", "no PPL", "no MPO", "text only", "no vision",
-                "LLaRA-style"}
+                "no sequence", "LLaRA-style"}
     assert set(ds["models"]) == expected
     for name, row in ds["models"].items():
         m = row["metrics"]
@@ -129,13 +129,16 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     # The same compute for every variant: text only spends all 9 steps in stage 1, no vision ~9 in 2 stages.
     assert [s["steps"] for s in ds["curves"]["text only"]] == [9]
     assert [s["steps"] for s in ds["curves"]["no vision"]] == [5, 5]
+    content = [s["steps"] for s in ds["curves"]["no sequence"]]  # text + vision: its own MPO stages
+    assert len(set(content)) == 1 and content[0] == -(-9 // len(content))
     cold = ds["cold_start"]
     assert cold["held_out_items"] == 5 and cold["test_cold"] + cold["test_warm"] == ds["data"]["test"]
     assert set(cold["models"]) == {"Speeder", "Speeder, content tokens only (text + vision)", "SASRec", "Popularity"}
     assert set(ds["missing"]) == {"vision", "text"}
     for r in ds["missing"].values():
         assert r["masked"] == round(0.3 * r["had"])
-    assert set(ds["checks"]) == {"vision_adds", "sequence_adds"}
+    assert set(ds["checks"]) == {"vision_adds", "vision_adds_to_text", "sequence_adds"}
+    assert ds["checks"]["vision_adds_to_text"]["with"] == "no sequence"
     md = (out / "results.md").read_text()
     for name in expected:
         assert f"| {name} |" in md
