@@ -93,9 +93,19 @@ def plan_stages(requested: list[int], available: set[str], use_mpo: bool = True)
     return plan
 
 
+GATE_LR_SCALE = 30.0
+
+
 def apply_stage(model: nn.Module, stage: Stage, *, lr: float, lora_lr: float,
-                text_lr_scale: float = 0.1, weight_decay: float = 0.0) -> list[dict]:
-    """Set requires_grad for `stage` and return optimizer parameter groups (one per MPO group)."""
+                text_lr_scale: float = 0.1, weight_decay: float = 0.0,
+                gate_lr_scale: float = GATE_LR_SCALE) -> list[dict]:
+    """Set requires_grad for `stage` and return optimizer parameter groups (one per MPO group).
+
+    gate_lr_scale: the vision gate g_v (one scalar, initialised at 0) learns at lr x this. Adam moves a
+    parameter by at most ~lr per step, so at lr 3e-4 the gate stayed at |g_v| ~0.01 after 900 steps
+    on the synthetic catalog (vision silent: tanh(g_v) ~ 0.01, HR@1 0.277 = text only); at 30x it
+    opened to ~0.25 and HR@1 rose to 0.454 (text + vision, same steps).
+    """
     by_group: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         group = group_of(name)
@@ -104,6 +114,7 @@ def apply_stage(model: nn.Module, stage: Stage, *, lr: float, lora_lr: float,
             by_group.setdefault(group, []).append(p)
     return [
         {"params": params, "name": group, "weight_decay": weight_decay,
-         "lr": (lora_lr if group == "lora" else lr) * stage.lr_scale(group, text_lr_scale)}
+         "lr": (lora_lr if group == "lora" else lr) * stage.lr_scale(group, text_lr_scale)
+         * (gate_lr_scale if group == "vision_gate" else 1.0)}
         for group, params in sorted(by_group.items())
     ]
