@@ -102,4 +102,8 @@ def test_a_replica_killed_under_load_loses_no_request(ws, ray_local) -> None:
     assert result["passed"] and not result["data_lost"], result["observed"]
     details = result["details"]
     assert details["results"] == {}  # every request got a 200: no 503, no 5xx, no timeout
-    assert details["rerun"] >= 1  # some were in flight on the killed replica and ran again on the other
+    # Whether any request was executing on the victim at the kill is timing: Serve's router also retries
+    # requests not yet started on a dead replica (a CI run saw 0 re-runs and no non-200 at all). The
+    # proxy's replay itself is tested deterministically in
+    # test_a_request_whose_replica_died_runs_again_with_the_same_body. What must hold is above: requests
+    # kept being answered after the kill (passed) and none failed (results empty).
