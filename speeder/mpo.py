@@ -98,7 +98,7 @@ GATE_LR_SCALE = 30.0
 
 def apply_stage(model: nn.Module, stage: Stage, *, lr: float, lora_lr: float,
                 text_lr_scale: float = 0.1, weight_decay: float = 0.0,
-                gate_lr_scale: float = GATE_LR_SCALE) -> list[dict]:
+                gate_lr_scale: float = 1.0) -> list[dict]:
     """Set requires_grad for `stage` and return optimizer parameter groups (one per MPO group).
 
     gate_lr_scale: the vision gate g_v (one scalar, initialised at 0) learns at lr x this. Adam moves a

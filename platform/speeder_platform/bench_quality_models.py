@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from speeder.loop import Samples, evaluate, fit
-from speeder.mpo import Stage, apply_stage, plan_stages
+from speeder.mpo import GATE_LR_SCALE, Stage, apply_stage, plan_stages
 from speeder.mrc import ItemFeatures
 from speeder_platform.config import ModelConfig, load_config
 from speeder_platform.tables import available_modalities
@@ -96,7 +96,8 @@ def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
 def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, features: ItemFeatures, steps: int,
                  budget: Budget, seed: int) -> list[dict[str, float]]:
     """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve."""
-    groups = apply_stage(model, stage, lr=budget.lr, lora_lr=budget.lora_lr, text_lr_scale=budget.text_lr_scale)
+    groups = apply_stage(model, stage, lr=budget.lr, lora_lr=budget.lora_lr, text_lr_scale=budget.text_lr_scale,
+                         gate_lr_scale=GATE_LR_SCALE)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bs = budget.batch_size
     order = sample_order(len(train), steps * bs, seed)
