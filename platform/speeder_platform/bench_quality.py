@@ -130,24 +130,28 @@ def _effective(cfg: Any, data: BenchData) -> tuple:
             tuple(sorted(set(cfg.modalities) & data.available)), cfg.use_ppl, cfg.ppt_lambda)
 
 
+def equal_compute_steps(base: list[str], cfg: Any, features: Any, budget: Budget) -> int:
+    """Steps per stage for `cfg` so it spends the full model's total (budget.steps in each of the full
+    model's MPO stages) over the stages it runs: no MPO and text only put it all in one stage."""
+    full_stages = len(plan_for(model_config(base, []), features))
+    return math.ceil(budget.steps * full_stages / len(plan_for(cfg, features)))
+
+
 def run_variants(data: BenchData, base: list[str], names: list[str], budget: Budget,
                  seed: int) -> tuple[dict[str, dict], dict[str, list], TrainedSpeeder | None]:
     """Train and test every Speeder variant; -> rows, training curves, the trained full Speeder."""
     rows, curves, speeder = {}, {}, None
-    reference = _effective(model_config(base, []), data)
-    full_stages = len(reference[0])
-    trained_as: dict[tuple, str] = {reference: "Speeder"}  # what each effective model was reported as
+    trained_as: dict[tuple, str] = {_effective(model_config(base, []), data): "Speeder"}  # effective model -> row
     for name in names:
         cfg = model_config(base, VARIANTS[name])
-        same = trained_as.get(_effective(cfg, data))
+        effective = _effective(cfg, data)
+        same = trained_as.get(effective)
         if name != "Speeder" and same is not None:
             rows[name] = {"same_as": same, "note": f"identical to {same} on this catalog (nothing to ablate)"}
             continue
-        trained_as[_effective(cfg, data)] = name
+        trained_as[effective] = name
         log.info("== %s on %s: %s", name, data.name, ", ".join(VARIANTS[name]) or "the full model")
-        # Every variant gets the full model's compute: its total steps spread over the stages it runs
-        # (no MPO: all in one stage; text only: all in stage 1; no vision: over stages 1 and 3).
-        steps = math.ceil(budget.steps * full_stages / len(plan_for(cfg, data.features)))
+        steps = equal_compute_steps(base, cfg, data.features, budget)
         trained = train_speeder(cfg, data.train, valid_subset(data.valid, budget.valid_users, seed), data.features,
                                 budget, seed, steps_per_stage=steps)
         t0 = time.perf_counter()
@@ -203,11 +207,10 @@ def run_cold_start(data: BenchData, base: list[str], budget: Budget, seed: int, 
     speeders = {"Speeder": [], f"Speeder, content tokens only ({' + '.join(content)})":
                 [f"model.modalities=[{','.join(content)}]"]}
     ranks, seconds = {}, {}
-    full_stages = len(plan_for(model_config(base, []), warm))
     for name, overrides in speeders.items():
         cfg = model_config(base, overrides)
-        steps = math.ceil(budget.steps * full_stages / len(plan_for(cfg, warm)))  # the same compute for both
-        trained = train_speeder(cfg, cold.train, None, warm, budget, seed, steps_per_stage=steps)
+        trained = train_speeder(cfg, cold.train, None, warm, budget, seed,
+                                steps_per_stage=equal_compute_steps(base, cfg, warm, budget))
         ranks[name], seconds[name] = speeder_ranks(trained, data.test, features), round(trained.seconds, 1)
     sequences, num_items = train_item_counts(data.uri)
     popularity = popularity_from_sequences([s[~cold.is_held_out(s)] for s in sequences], num_items)

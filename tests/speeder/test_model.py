@@ -194,7 +194,7 @@ def test_cached_negatives_match_the_full_softmax_when_fresh(tiny_model, features
     assert cache.get(tiny_model, features, ALL, step=10) is not table
 
 
-def test_vision_gate_learns_faster_than_the_rest_of_its_stage(tiny_model) -> None:
+def test_gate_lr_scale_speeds_up_only_the_vision_gate(tiny_model) -> None:
     lrs = {g["name"]: g["lr"] for g in apply_stage(tiny_model, STAGES[2], lr=1e-3, lora_lr=3e-4, gate_lr_scale=30)}
     assert lrs["vision_adapter"] == pytest.approx(1e-3) and lrs["vision_gate"] == pytest.approx(3e-2)
     assert lrs["text_adapter"] == pytest.approx(1e-4)  # earlier stages' groups at text_lr_scale 0.1
