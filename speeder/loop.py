@@ -94,20 +94,22 @@ class NegativeCache:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                features: ItemFeatures, active: Iterable[str], *, step: int, seed: int = 0,
                loss_pool: str = "catalog", max_grad_norm: float | None = 5.0,
-               cache: NegativeCache | None = None) -> dict[str, float]:
+               cache: NegativeCache | None = None, teacher: nn.Module | None = None) -> dict[str, float]:
     """One optimisation step; returns the losses as floats.
 
     `model` may be a DDP wrapper around SpeederModel (its forward computes the losses, so gradient
     synchronisation happens). The PPT pair sampler is seeded from (seed, step): reproducible runs.
+    teacher: a SASRec whose next-item scores the model distils (model.distill_weight > 0).
     """
     module = getattr(model, "module", model)
     cached = cache.get(module, features, active, step) if cache is not None and loss_pool == "catalog" else None
     model.train()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     device = features.text.device
-    out = model(batch["history"].to(device), batch["target"].to(device),
+    history = batch["history"].to(device)
+    out = model(history, batch["target"].to(device),
                 None if loss_pool == "catalog" else batch["candidates"].to(device),
-                features, list(active), generator, cached)
+                features, list(active), generator, cached, teacher_scores(teacher, history))
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if max_grad_norm is not None:
@@ -115,6 +117,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return {k: float(v.detach()) for k, v in out.items()}
+
+
+@torch.no_grad()
+def teacher_scores(teacher: nn.Module | None, history: torch.Tensor) -> torch.Tensor | None:
+    """A SASRec teacher's catalog scores after every history column: history (B, H) -> (B, H, N)."""
+    if teacher is None:
+        return None
+    teacher.eval()
+    return teacher.all_position_logits(history)
 
 
 @torch.no_grad()
@@ -139,10 +150,10 @@ def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *
         target = batch["target"].to(device)
         cands = batch["candidates"].to(device)
         u, _, _ = model.user_vectors(history, item_table)
-        cand_scores = model.head.scores(u, item_table[cands].float())  # (B, C)
+        cand_scores = model.item_scores(u, item_table[cands])  # (B, C)
         cand_ranks.append(target_rank(cand_scores, (cands == target.unsqueeze(1)).long().argmax(1)).cpu())
         if full:
-            scores = model.head.scores(u, item_table.float())  # (B, N)
+            scores = model.item_scores(u, item_table)  # (B, N)
             if mask_history:
                 hist = history.clone()
                 hist[hist == target.unsqueeze(1)] = PAD_ITEM
@@ -170,7 +181,8 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
         active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
-        log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0) -> list[dict[str, float]]:
+        log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0,
+        teacher: nn.Module | None = None) -> list[dict[str, float]]:
     """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
     history = []
     step = 0
@@ -179,7 +191,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, feat
         t0, losses, seen = time.perf_counter(), [], 0
         for batch in train.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
             out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool,
-                             cache=cache)
+                             cache=cache, teacher=teacher)
             losses.append(out["loss"])
             seen += len(batch["target"])
             step += 1

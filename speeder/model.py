@@ -23,6 +23,8 @@ from speeder.mrc import MRC, ItemFeatures, embedding_scale
 from speeder.prompt import PAD_ITEM, PromptBatch, PromptBuilder
 from speeder.spae import PositionPromptLearning, PositionProxyHead, position_proxy_loss, sample_position_pairs
 
+READOUTS = ("final", "last_slot", "both")
+
 
 @dataclass
 class SpeederSettings:
@@ -38,26 +40,80 @@ class SpeederSettings:
     ppt_lambda: float = 0.1
     ppt_pairs: int = 4
     modalities: list[str] = field(default_factory=lambda: ["text", "vision", "sequence"])
+    # final: the user vector reads the prompt's last token (the paper); last_slot: the last history
+    # item's slot; both: the sum of the two projections.
+    readout: str = "final"
+    # Weight of the dense next-item loss: the hidden state at every history slot predicts the next
+    # history item (the last one predicts the target), SASRec's objective on top of the LLM.
+    dense_weight: float = 0.0
+    item_prior: bool = False  # a learned per-item score term b(e_c) = v . e_c beside the cosine
+    sequence_skip: bool = False  # MRC's linear path from the SASRec embedding to the token
+    # A linear path around the LLM: user (and slot) vectors add W_x x, x the slot's input token (item
+    # token + PPL). W_x starts as the identity and the LLM's projections at zero, so before training the
+    # model scores like "the last item's token" and the LLM's part grows from there.
+    readout_skip: bool = False
+    # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
+    # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout: {self.readout!r} is not one of {', '.join(READOUTS)}")
 
 
 class ScoringHead(nn.Module):
-    """h (B, D) -> user vector u = W h; scores = tau * cos(u, e_c)."""
+    """Hidden states -> unit user vectors; scores = tau * cos(u, e_c) (+ b(e_c) with the item prior).
 
-    def __init__(self, d: int, init_temperature: float = 20.0) -> None:
+    proj reads the prompt's last token, slot_proj a history slot (the last-slot readout and the dense
+    next-item loss); both start as the identity.
+    """
+
+    def __init__(self, d: int, readout: str = "final", slots: bool = False, item_prior: bool = False,
+                 input_skip: bool = False, init_temperature: float = 20.0) -> None:
         super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
-        nn.init.eye_(self.proj.weight)
+        self.readout = readout
+        self.proj = nn.Linear(d, d, bias=False) if readout in ("final", "both") else None
+        self.slot_proj = nn.Linear(d, d, bias=False) if slots or readout != "final" else None
+        self.input_skip = nn.Linear(d, d, bias=False) if input_skip else None
+        for linear in (self.proj, self.slot_proj):
+            if linear is not None:  # with the input skip the LLM's part starts at zero
+                nn.init.zeros_(linear.weight) if input_skip else nn.init.eye_(linear.weight)
+        if self.input_skip is not None:
+            nn.init.eye_(self.input_skip.weight)
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
         self.log_temperature = nn.Parameter(torch.tensor([math.log(init_temperature)]))
+        self.prior = nn.Linear(d, 1, bias=False) if item_prior else None
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)  # starts as no prior at all
 
-    def user_vectors(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(h), dim=-1)  # (B, D)
+    def user_vectors(self, h_final: torch.Tensor, h_last: torch.Tensor, x_last: torch.Tensor) -> torch.Tensor:
+        """h_final (B, D) at the prompt's last token, h_last (B, D) at the last history slot, x_last (B, D)
+        that slot's input token -> unit user vectors (B, D)."""
+        if self.readout == "final":
+            u = self.proj(h_final)
+        elif self.readout == "last_slot":
+            u = self.slot_proj(h_last)
+        else:
+            u = self.proj(h_final) + self.slot_proj(h_last)
+        if self.input_skip is not None:
+            u = u + self.input_skip(x_last)
+        return F.normalize(u, dim=-1)  # (B, D)
+
+    def slot_vectors(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """h (K, D) at history slots, x (K, D) their input tokens -> unit vectors (K, D) for the next item."""
+        v = self.slot_proj(h)
+        if self.input_skip is not None:
+            v = v + self.input_skip(x)
+        return F.normalize(v, dim=-1)
 
     def scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """u (B, D) unit user vectors; items (B, C, D) or (N, D) -> (B, C) or (B, N)."""
         e = F.normalize(items, dim=-1)
         s = torch.einsum("bd,bcd->bc", u, e) if e.dim() == 3 else u @ e.T
-        return self.log_temperature.exp() * s
+        s = self.log_temperature.exp() * s
+        if self.prior is not None:
+            s = s + self.prior(items).squeeze(-1)  # (B, C) or (N,), broadcast over users
+        return s
 
 
 class SpeederModel(nn.Module):
@@ -72,9 +128,11 @@ class SpeederModel(nn.Module):
         self.prompt = PromptBuilder(backbone.tokenizer)
         scale = embedding_scale(backbone.input_embeddings().weight)
         self.mrc = MRC(settings.feature_dims, d, hidden_size=settings.mrc_hidden, num_layers=settings.mrc_layers,
-                       num_heads=settings.mrc_heads, dropout=settings.mrc_dropout, embed_scale=scale)
+                       num_heads=settings.mrc_heads, dropout=settings.mrc_dropout, embed_scale=scale,
+                       sequence_skip=settings.sequence_skip)
         self.ppl = PositionPromptLearning(settings.max_history, d) if settings.use_ppl else None
-        self.head = ScoringHead(d)
+        self.head = ScoringHead(d, settings.readout, slots=settings.dense_weight > 0 or settings.distill_weight > 0,
+                                item_prior=settings.item_prior, input_skip=settings.readout_skip)
         self.ppt = PositionProxyHead(d, settings.max_history) if settings.ppt_lambda > 0 else None
 
     # -- item tokens ------------------------------------------------------------------------------
@@ -105,57 +163,97 @@ class SpeederModel(nn.Module):
                                                                                       PromptBatch]:
         """-> unit user vectors (B, D), all hidden states (B, T, D) and the prompt batch."""
         hidden, batch = self.encode(history, item_table)
-        return self.head.user_vectors(hidden[:, -1].float()), hidden, batch
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last_slot = batch.history_slots[:, -1]  # (B,) token index of the most recent item; -1: no history
+        has = (last_slot >= 0).unsqueeze(1)  # (B, 1)
+        h_final = hidden[:, -1].float()  # (B, D)
+        h_last = torch.where(has, hidden[rows, last_slot.clamp(min=0)].float(), h_final)
+        x_last = torch.where(has, self.slot_inputs(history[:, -1:].clamp(min=0), item_table)[:, 0], 0.0)
+        return self.head.user_vectors(h_final, h_last, x_last), hidden, batch
+
+    def slot_inputs(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """The input tokens of history columns, item token + PPL: history (B, H) of real item rows
+        (right-aligned: the last column is the most recent) -> (B, H, D) float."""
+        x = item_table[history].float()  # (B, H, D)
+        if self.ppl is not None:
+            recency = torch.arange(history.shape[1] - 1, -1, -1, device=history.device)  # (H,)
+            x = x + self.ppl(recency).float()
+        return x
 
     # -- scoring ----------------------------------------------------------------------------------
+    def item_scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """u (B, D) user vectors; items (B, C, D) candidate tokens or (N, D) a table -> (B, C) or (B, N)."""
+        return self.head.scores(u, items.float())
+
     def score_candidates(self, history: torch.Tensor, candidates: torch.Tensor,
                          item_table: torch.Tensor) -> torch.Tensor:
         """history (B, H), candidates (B, C) -> scores (B, C), one forward pass, no decoding."""
         u, _, _ = self.user_vectors(history, item_table)
-        return self.head.scores(u, item_table[candidates].float())
+        return self.item_scores(u, item_table[candidates])
 
     def score_catalog(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """history (B, H) -> scores over every item (B, N)."""
         u, _, _ = self.user_vectors(history, item_table)
-        return self.head.scores(u, item_table.float())
+        return self.item_scores(u, item_table)
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, history: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None,
                 features: ItemFeatures, active: list[str], generator: torch.Generator | None = None,
-                cached_table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                cached_table: torch.Tensor | None = None,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses. history (B, H), target (B,), candidates (B, C) or None for a softmax over
-        the whole catalog -> {"loss", "rec_loss", "ppt_loss"} (scalars).
+        the whole catalog -> {"loss", "rec_loss", "dense_loss", "distill_loss", "ppt_loss"} (scalars).
+
+        loss = rec + dense_weight * dense + distill_weight * distill + ppt_lambda * ppt.
+        teacher_logits (B, H, N): a teacher's catalog scores after every history column (catalog
+        softmax only); distill is KL(teacher || model) at every history slot. rec: cross-entropy of the target from the
+        user vector, over the catalog or the sample's candidates; dense: of every history slot's next
+        item (see SpeederSettings.dense_weight), over the catalog or, with candidates, over every item
+        this batch touches.
 
         cached_table (N, D), detached: for the catalog softmax, tokens of items this batch does not
         touch come from it (refreshed by the training loop every few steps), and only the batch's own
         items (history + target) run through MRC with gradients: cached negatives.
         """
+        history = history[:, -self.settings.max_history:]
         if candidates is None and cached_table is not None:
             ids = torch.unique(torch.cat([history[history >= 0], target]))
             fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
             item_table = cached_table.detach().to(fresh.dtype).index_put((ids,), fresh)  # (N, D)
-            u, hidden, batch = self.user_vectors(history, item_table)
-            logits = self.head.scores(u, item_table.float())  # (B, N)
-            labels = target
         elif candidates is None:
             item_table = self.item_tokens(features, active)  # (N, D), with gradients into MRC
-            u, hidden, batch = self.user_vectors(history, item_table)
-            logits = self.head.scores(u, item_table.float())  # (B, N)
-            labels = target
         else:
+            in_pool = (candidates == target.unsqueeze(1)).any(dim=1)  # (B,)
+            if not bool(in_pool.all()):
+                row = int((~in_pool).nonzero()[0])
+                raise ValueError(f"candidate loss: target {int(target[row])} of sample {row} is not among its "
+                                 f"candidates {candidates[row].tolist()}")
             # Only the items this batch touches need tokens: MRC runs on K <= B * (H + C) items.
-            needed = torch.cat([history[history >= 0], candidates.flatten()])
-            ids = torch.unique(needed)
+            ids = torch.unique(torch.cat([history[history >= 0], candidates.flatten()]))
             local = torch.full((features.num_items,), -1, dtype=torch.long, device=ids.device)
             local[ids] = torch.arange(len(ids), device=ids.device)
             item_table = self.item_tokens(features.select(ids), active)  # (K, D)
-            u, hidden, batch = self.user_vectors(torch.where(history >= 0, local[history.clamp(min=0)], history),
-                                                 item_table)
-            cands = local[candidates]
-            logits = self.head.scores(u, item_table[cands].float())  # (B, C)
-            labels = (candidates == target.unsqueeze(1)).float().argmax(dim=1)
-        rec = F.cross_entropy(logits, labels)
-        ppt = rec.new_zeros(())
+            history = torch.where(history >= 0, local[history.clamp(min=0)], history)
+            target, candidates = local[target], local[candidates]
+        u, hidden, batch = self.user_vectors(history, item_table)
+        if candidates is None:
+            rec = F.cross_entropy(self.item_scores(u, item_table), target)  # over the catalog (B, N)
+        else:
+            labels = (candidates == target.unsqueeze(1)).long().argmax(dim=1)  # (B,)
+            rec = F.cross_entropy(self.item_scores(u, item_table[candidates]), labels)  # over the candidates (B, C)
+        zero = rec.new_zeros(())
+        dense = distill = zero
+        if self.settings.dense_weight or (self.settings.distill_weight and teacher_logits is not None):
+            logits, labels, real = self._slot_logits(hidden, batch, history, target, item_table)  # (K, P), (K,)
+            if self.settings.dense_weight:
+                dense = F.cross_entropy(logits, labels)
+            if self.settings.distill_weight and teacher_logits is not None:
+                if candidates is not None:
+                    raise ValueError("distillation needs the catalog softmax (trainer.loss_pool=catalog)")
+                teacher = teacher_logits[:, -history.shape[1]:][real].float()  # (K, N)
+                distill = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+                                   reduction="batchmean")
+        ppt = zero
         if self.ppt is not None and self.settings.ppt_lambda > 0:
             rows, i, j = sample_position_pairs(batch.lengths, self.settings.ppt_pairs, generator)
             h = hidden.float()
@@ -163,7 +261,22 @@ class SpeederModel(nn.Module):
             ti = batch.history_slots[rows, start + i]
             tj = batch.history_slots[rows, start + j]
             ppt = position_proxy_loss(self.ppt, h[rows, ti], h[rows, tj], i, j)
-        return {"loss": rec + self.settings.ppt_lambda * ppt, "rec_loss": rec.detach(), "ppt_loss": ppt.detach()}
+        s = self.settings
+        loss = rec + s.dense_weight * dense + s.distill_weight * distill + s.ppt_lambda * ppt
+        return {"loss": loss, "rec_loss": rec.detach(), "dense_loss": dense.detach(),
+                "distill_loss": distill.detach(), "ppt_loss": ppt.detach()}
+
+    def _slot_logits(self, hidden: torch.Tensor, batch: PromptBatch, history: torch.Tensor, target: torch.Tensor,
+                     item_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-item scores at every real history slot. hidden (B, T, D); history (B, H) and target (B,) as
+        row indices of item_table (P, D) -> logits (K, P), the next item (K,), the real columns (B, H)."""
+        slots = batch.history_slots  # (B, H) token index of each history column, -1 for padding
+        following = torch.cat([history[:, 1:], target.unsqueeze(1)], dim=1)  # (B, H): the item after each
+        real = slots >= 0  # left padding: a real column is always followed by a real item or the target
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(slots)[real]  # (K,)
+        x = self.slot_inputs(history.clamp(min=0), item_table)[real]  # (K, D)
+        v = self.head.slot_vectors(hidden[rows, slots[real]].float(), x)  # (K, D)
+        return self.item_scores(v, item_table), following[real], real
 
     # -- checkpoints ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

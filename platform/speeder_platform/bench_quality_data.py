@@ -168,11 +168,7 @@ def cold_sasrec(data: BenchData, cold: ColdStart, num_threads: int | None = None
     warm_seqs = [remap[s[~cold.is_held_out(s)]] for s in sequences]
     warm_seqs = [s for s in warm_seqs if len(s) >= 2]
     st = data.sasrec_settings
-    model, stats = train_sasrec(warm_seqs, len(cold.warm), epochs=st["epochs"], batch_size=st["batch_size"],
-                                lr=st["lr"], seed=st["seed"], max_length=st["max_length"],
-                                hidden_size=st["hidden_size"], num_layers=st["num_layers"],
-                                num_heads=st["num_heads"], dropout=st["dropout"], num_threads=num_threads,
-                                log_every_epoch=False)
+    model, stats = train_sasrec(warm_seqs, len(cold.warm), **st, num_threads=num_threads, log_every_epoch=False)
     with torch.random.fork_rng():
         torch.manual_seed(st["seed"])
         full = SASRec(**{**model.hparams, "num_items": num_items})

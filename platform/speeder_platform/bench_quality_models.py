@@ -94,7 +94,7 @@ def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
 
 
 def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, features: ItemFeatures, steps: int,
-                 budget: Budget, seed: int) -> list[dict[str, float]]:
+                 budget: Budget, seed: int, teacher: Any = None) -> list[dict[str, float]]:
     """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve."""
     groups = apply_stage(model, stage, lr=budget.lr, lora_lr=budget.lora_lr, text_lr_scale=budget.text_lr_scale,
                          gate_lr_scale=GATE_LR_SCALE)
@@ -106,7 +106,7 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
     for c in range(len(bounds) - 1):
         chunk = train.subset(order[bounds[c] * bs:bounds[c + 1] * bs])
         epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=seed * 1000 + c,
-                    log_every=0, negative_cache_steps=budget.negative_cache_steps)[0]
+                    log_every=0, negative_cache_steps=budget.negative_cache_steps, teacher=teacher)[0]
         curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])
@@ -114,7 +114,7 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
 
 
 def train_speeder(cfg: ModelConfig, train: Samples, valid: Samples | None, features: ItemFeatures, budget: Budget,
-                  seed: int, steps_per_stage: int | None = None) -> TrainedSpeeder:
+                  seed: int, steps_per_stage: int | None = None, teacher: Any = None) -> TrainedSpeeder:
     """Build a variant and run its MPO stages (`steps_per_stage`, default budget.steps, each); each stage
     continues from the last one's weights."""
     from speeder_platform.modeling import build_from_config
@@ -127,14 +127,19 @@ def train_speeder(cfg: ModelConfig, train: Samples, valid: Samples | None, featu
     if not plan:
         raise ValueError(f"model.modalities {cfg.modalities}: nothing to train on modalities {sorted(available)}")
     per_stage = steps_per_stage or budget.steps
+    if isinstance(per_stage, int):
+        per_stage = {stage.index: per_stage for stage in plan}
     result = TrainedSpeeder(model=model, active=[])
     for stage in plan:
         s0 = time.perf_counter()
         active = [m for m in stage.modalities if m in cfg.modalities and m in available]
-        curve = _train_stage(model, stage, active, train, features, per_stage, budget, seed * 100 + stage.index)
+        curve = _train_stage(model, stage, active, train, features, per_stage[stage.index], budget,
+                             seed * 100 + stage.index,
+                             teacher=teacher if cfg.distill_weight else None)
         train_seconds = time.perf_counter() - s0
         metrics = evaluate(model, valid, features, active) if valid is not None and len(valid) else {}
-        result.stages.append({"stage": stage.index, "name": stage.name, "modalities": active, "steps": per_stage,
+        result.stages.append({"stage": stage.index, "name": stage.name, "modalities": active,
+                              "steps": per_stage[stage.index],
                               "curve": curve, "valid": metrics, "train_seconds": round(train_seconds, 1),
                               "seconds": round(time.perf_counter() - s0, 1)})
         result.active = active

@@ -143,11 +143,7 @@ def sequence_features(data_uri: str, features_dir: str, settings: dict[str, Any]
     if model is not None:
         info["sasrec"] = "loaded"
     else:
-        model, stats = train_sasrec(
-            sequences, num_items, epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-            seed=settings["seed"], max_length=settings["max_length"], hidden_size=settings["hidden_size"],
-            num_layers=settings["num_layers"], num_heads=settings["num_heads"], dropout=settings["dropout"],
-            num_threads=num_threads, device=device)
+        model, stats = train_sasrec(sequences, num_items, **settings, num_threads=num_threads, device=device)
         save_sasrec(model, directory, {"settings": settings, "train_fingerprint": digest, "stats": stats,
                                        **info})
         info.update(sasrec="trained", final_loss=stats[-1]["loss"] if stats else None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from speeder.model import SpeederModel, SpeederSettings, build_model
-from speeder_platform.config import ModelConfig
+from speeder.mpo import Stage, apply_stage
+from speeder_platform.config import ModelConfig, TrainerConfig
 
 # Feature sizes of the default encoders (MiniLM, EfficientNet-Lite0, SASRec with hidden 64), used
 # where a model is described before any features exist (`speeder model info`).
@@ -22,6 +25,12 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         ppt_lambda=model.ppt_lambda,
         ppt_pairs=model.ppt_pairs,
         modalities=list(model.modalities),
+        readout=model.readout,
+        dense_weight=model.dense_weight,
+        item_prior=model.item_prior,
+        sequence_skip=model.sequence_skip,
+        distill_weight=model.distill_weight,
+        readout_skip=model.readout_skip,
     )
 
 
@@ -41,3 +50,10 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
     if model.gradient_checkpointing:
         speeder.backbone.gradient_checkpointing_enable()
     return speeder
+
+
+def stage_groups(model: nn.Module, stage: Stage, trainer: TrainerConfig) -> list[dict]:
+    """The optimizer's parameter groups for an MPO stage, from the trainer config: the one recipe that
+    `speeder train` and `speeder bench quality` both use."""
+    return apply_stage(model, stage, lr=trainer.lr, lora_lr=trainer.lora_lr, text_lr_scale=trainer.text_lr_scale,
+                       weight_decay=trainer.weight_decay, gate_lr_scale=trainer.gate_lr_scale)

@@ -278,7 +278,7 @@ class Recommender:
         hist = torch.from_numpy(pad_histories([list(q.history) for q in queries], self.model_max_history))
         with self._lock:
             u, _, _ = self.model.user_vectors(hist.to(device), self.table)  # (B, D)
-            scores = self.model.head.scores(u, self.table).float().cpu()  # (B, N)
+            scores = self.model.item_scores(u, self.table).float().cpu()  # (B, N)
             self.stats["forwards"] += 1
             self.stats["requests"] += len(queries)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(queries))

@@ -109,8 +109,8 @@ def _read_json(uri: str) -> dict[str, Any] | None:
 def stage_curves(stage_dir: str) -> list[dict[str, Any]]:
     """Per-step loss points of one stage, from its checkpoints' meta.json.
 
-    A checkpoint's `loss_curve` ([{"step", "loss"}], where the trainer records one) gives every logged
-    step; otherwise each checkpoint gives one point: its step and epoch's mean train loss.
+    A checkpoint's loop state holds `loss_curve` ([{"step", "loss"}]: the mean loss of every
+    trainer.log_every steps); a checkpoint without one gives one point, its epoch's mean train loss.
     """
     if not storage.exists(stage_dir):
         return []
@@ -119,7 +119,7 @@ def stage_curves(stage_dir: str) -> list[dict[str, Any]]:
         meta = _read_json(storage.join(stage_dir, name, "meta.json")) if name.startswith("checkpoint_") else None
         if meta is None:
             continue
-        for point in meta.get("loss_curve") or []:
+        for point in (meta.get("train_state") or {}).get("loss_curve") or []:
             points[int(point["step"])] = float(point["loss"])
         loss = meta.get("metrics", {}).get("train_loss")
         if loss is not None and loss == loss:  # not NaN

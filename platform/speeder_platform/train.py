@@ -52,24 +52,35 @@ class TrainSummary:
         return "\n".join(lines)
 
 
-def _train_dataset(cfg: SpeederConfig):
-    """The train split as a materialised Ray Dataset (a seeded subsample if trainer.max_train_samples).
+def stage_sample_limit(cfg: SpeederConfig, stage_index: int) -> int | None:
+    """Training samples drawn for a stage: trainer.stage_samples (aligned with trainer.stages) when set,
+    else trainer.max_train_samples; None: the whole train split."""
+    t = cfg.trainer
+    if t.stage_samples:
+        position = list(t.stages).index(stage_index) if stage_index in t.stages else len(t.stages) - 1
+        return t.stage_samples[position]
+    return t.max_train_samples
+
+
+def _train_dataset(cfg: SpeederConfig, stage_index: int):
+    """One stage's training samples as a materialised Ray Dataset: the whole train split, or a subsample
+    seeded by (trainer.seed, stage), so every stage draws fresh samples.
 
     Materialised before the trainers start: the read tasks then never compete with the training
-    workers for CPUs (on a 2-core machine they would never get one), and every stage and every
-    restarted worker group reads the same blocks from the object store.
+    workers for CPUs (on a 2-core machine they would never get one), and every restarted worker
+    group of the stage reads the same blocks from the object store.
     """
     import ray.data
 
     uri = split_uri(cfg.data.uri, "train")
-    limit = cfg.trainer.max_train_samples
+    limit = stage_sample_limit(cfg, stage_index)
     if limit is None:
         fs, path = storage.resolve(uri)
         return ray.data.read_parquet(path, filesystem=fs).materialize()
     table = storage.read_table(uri)
     if limit < table.num_rows:
-        keep = np.sort(np.random.default_rng(cfg.trainer.seed).choice(table.num_rows, limit, replace=False))
-        table = table.take(keep)
+        rng = np.random.default_rng([cfg.trainer.seed, stage_index])
+        table = table.take(np.sort(rng.choice(table.num_rows, limit, replace=False)))
     return ray.data.from_arrow(table).materialize()
 
 
@@ -101,15 +112,9 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
     done: list[dict[str, Any]] = storage.read_json(stages_uri)["stages"] if storage.exists(stages_uri) else []
     done_index = {s["stage"] for s in done}
 
-    train_ds = _train_dataset(cfg)
-    n_train = train_ds.count()
-    steps = max(1, n_train // (t.num_workers * t.batch_size))
-    if t.max_steps_per_epoch:
-        steps = min(steps, t.max_steps_per_epoch)
     cpus = _cpus_per_worker(cfg)
-    log.info("training %s on %d samples: stages %s, %d worker(s) x %.2g CPU%s, %d steps/epoch x %d epoch(s)",
-             cfg.model.backbone, n_train, [s.index for s in plan], t.num_workers, cpus,
-             " + 1 GPU" if t.use_gpu else "", steps, t.epochs)
+    log.info("training %s: stages %s, %d worker(s) x %.2g CPU%s, %d epoch(s) per stage", cfg.model.backbone,
+             [s.index for s in plan], t.num_workers, cpus, " + 1 GPU" if t.use_gpu else "", t.epochs)
     fs, storage_path = storage.resolve(t.storage_path)
     init = done[-1]["checkpoint"] if done else None
     for stage in plan:
@@ -117,6 +122,12 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
             log.info("stage %d (%s) already finished in %s; skipping", stage.index, stage.name, root)
             continue
         stage_t0 = time.perf_counter()
+        train_ds = _train_dataset(cfg, stage.index)
+        n_train = train_ds.count()
+        steps = max(1, n_train // (t.num_workers * t.batch_size))
+        if t.max_steps_per_epoch:
+            steps = min(steps, t.max_steps_per_epoch)
+        log.info("stage %d (%s): %d samples, %d steps/epoch", stage.index, stage.name, n_train, steps)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "stage": stage.index, "init_checkpoint": init,

@@ -22,11 +22,11 @@ import torch
 from speeder.checkpoint import load_checkpoint, save_checkpoint
 from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, train_step
 from speeder.metrics import hit_rate, ndcg
-from speeder.mpo import ALL_AT_ONCE, STAGES, Stage, apply_stage
+from speeder.mpo import ALL_AT_ONCE, STAGES, Stage
 from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
-from speeder_platform.modeling import build_from_config
+from speeder_platform.modeling import build_from_config, stage_groups
 from speeder_platform.tables import available_modalities, load_item_features, load_samples
 
 log = logging.getLogger("speeder.train")
@@ -168,11 +168,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
     valid = load_samples(cfg.data.uri, "valid", cfg.model.max_history)
     model = build_from_config(cfg.model, features.dims(), seed=t.seed).to(device)
-    groups = apply_stage(model, stage, lr=t.lr, lora_lr=t.lora_lr, text_lr_scale=t.text_lr_scale,
-                         weight_decay=t.weight_decay)
+    groups = stage_groups(model, stage, t)
 
     # Loop state, saved in every checkpoint; "resumes" counts restarts from this stage's own checkpoints.
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0, "resumes": 0}
+    # loss_curve: the mean training loss of every log_every steps, [{"step", "loss"}], for the report.
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0, "resumes": 0,
+             "loss_curve": []}
     resume = ray.train.get_checkpoint()
     optimizer_for_load = None
     engine = None
@@ -233,12 +234,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state["step_in_epoch"] = i + 1
             seen += t.batch_size * world
             losses.append(out["loss"])
+            if state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch:
+                state["loss_curve"].append({"step": state["step"],
+                                            "loss": float(np.mean(losses[-t.log_every:]))})
             if rank == 0 and (state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch):
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 left = (total_steps - (epoch * steps_per_epoch + i + 1)) * t.batch_size * world / max(rate, 1e-9)
-                log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f ppt %.4f | %.1f samples/s | "
-                         "ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1, steps_per_epoch,
-                         np.mean(losses[-t.log_every:]), out["rec_loss"], out["ppt_loss"], rate, _format_eta(left))
+                log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f dense %.4f ppt %.4f | "
+                         "%.1f samples/s | ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1,
+                         steps_per_epoch, np.mean(losses[-t.log_every:]), out["rec_loss"], out["dense_loss"],
+                         out["ppt_loss"], rate, _format_eta(left))
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                 report({METRIC: -1.0, "train_loss": float(np.mean(losses))}, with_checkpoint=True)
         metrics = validate(engine.module, valid, features, active, t.eval_batch_size, rank, world)
