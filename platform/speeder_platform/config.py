@@ -207,7 +207,13 @@ class ServeConfig:
     max_body_bytes: int = 2_097_152  # larger request bodies get a 413 before any parsing
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0
-    max_ongoing_requests: int = 64  # per replica; Serve queues or rejects beyond it
+    max_ongoing_requests: int = 64  # per replica; beyond it requests wait at Serve's proxy
+    # Waiting requests per proxy; beyond it a JSON 503 at once (about a second of a replica's batches:
+    # past that a client is better served by a fast refusal and a retry than by an unbounded queue).
+    max_queued_requests: int = 128
+    request_timeout_s: float = 30.0  # end to end at Serve's proxy, queueing included; past it a JSON 504
+    # A local file holding the API key (a mounted secret); None: $SPEEDER_API_KEY; neither: an open API.
+    api_key_file: str | None = None
 
 
 @dataclass
@@ -323,9 +329,11 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     if not 0 < s.port < 65536:
         raise ConfigError(f"serve.port: {s.port} is not a TCP port")
     for name in ("num_replicas", "max_batch_size", "max_history", "max_k", "max_batch_requests", "max_body_bytes",
-                 "replica_num_cpus", "max_ongoing_requests"):
+                 "replica_num_cpus", "max_ongoing_requests", "max_queued_requests", "request_timeout_s"):
         _positive(f"serve.{name}", getattr(s, name))
     _positive("serve.replica_num_gpus", s.replica_num_gpus, allow_zero=True)
+    if s.api_key_file is not None and "://" in s.api_key_file:
+        raise ConfigError(f"serve.api_key_file: {s.api_key_file!r} is a URI; give a local file (a mounted secret)")
     return cfg
 
 
