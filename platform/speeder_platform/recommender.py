@@ -26,6 +26,7 @@ from speeder import schema
 from speeder.loop import catalog_tokens
 from speeder.prompt import pad_histories
 from speeder_platform import storage
+from speeder_platform.config import ServeConfig
 
 if TYPE_CHECKING:
     from speeder_platform.evaluate import TrainedModel
@@ -48,11 +49,11 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (ServeConfig carries the served values)."""
+    """What one request may ask for; the defaults are ServeConfig's (the one place they are set)."""
 
-    max_history: int = 200  # longer histories are refused; the model reads its own last max_history
-    max_k: int = 100
-    max_batch_requests: int = 256  # histories per batch request
+    max_history: int = ServeConfig.max_history
+    max_k: int = ServeConfig.max_k
+    max_batch_requests: int = ServeConfig.max_batch_requests
 
 
 @dataclass(frozen=True)
@@ -299,15 +300,17 @@ class Recommender:
 
     # -- about the model ----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        """Model version, stage, modalities, metrics, limits and batching counters."""
+        """Model version, stage, modalities, catalog size, metrics, limits and batching counters.
+
+        What anyone may know about the model (the API serves it as is): never a path (checkpoint,
+        dataset), host, process id or credential; those stay on `trained` and `dataset`.
+        """
         meta = self.trained.meta
         return {
             "model_version": self.trained.version,
-            "checkpoint": self.trained.checkpoint,
             "stage": meta.get("stage"),
             "step": meta.get("step"),
             "modalities": list(self.trained.active),
-            "dataset": self.dataset,
             "num_items": self.num_items,
             "model_max_history": self.model_max_history,
             "train_metrics": meta.get("metrics", {}),

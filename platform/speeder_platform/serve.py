@@ -9,15 +9,24 @@
 
 Each replica loads the checkpoint and builds the catalog's item tokens once. Concurrent requests are
 gathered by `@serve.batch` into one forward pass (up to serve.max_batch_size histories, waiting at most
-serve.batch_wait_timeout_s). Bad input is a 4xx whose JSON names the field
-(`{"detail": "k: must be an integer in 1..100, got 0", "field": "k"}`); bodies over MAX_BODY_BYTES are
-refused before they are parsed, and JSON nested deeper than the parser's limit is a 400, so no payload
-can take a replica down.
+serve.batch_wait_timeout_s). `/openapi.json` describes every body, status and error exactly (the models
+in serve_api); every error is `{"detail": "k: must be ...", "field": "k"}`. Bodies over
+serve.max_body_bytes are refused before they are parsed, so no payload can take a replica down.
 
-With serve.num_replicas >= 2 a replica that dies is routed around and restarted by Serve; a request it
-held when it died runs again on another replica (serve_proxy.RetryOnReplicaDeath, installed in Serve's
-proxy by `start`; on a cluster set its environment variable on the nodes, see serve_proxy), or gets a
-JSON 503 with Retry-After, never a hang.
+API key: with $SPEEDER_API_KEY set, or serve.api_key_file naming a file that holds the key, every
+endpoint but /healthz answers 401 unless the request carries `Authorization: Bearer <key>`. The key
+travels to no replica: each replica reads it itself, from its own environment or from that file, so it
+is in no Serve config, `.bind` argument, runtime_env or dashboard page, and in no file of ours. On a
+cluster that means: the variable in every node's environment (KubeRay: `env` from a Secret), or better
+the file on every node (a mounted Secret) with serve.api_key_file pointing at it. A replica that finds
+no key while the deploying process had one refuses to start: the API never comes up open by accident.
+Without a key the API is open, as on a laptop, and `application` logs a warning.
+
+Overload and time: a replica holds serve.max_ongoing_requests; up to serve.max_queued_requests more wait
+at Serve's proxy, and beyond that a request gets a JSON 503 with Retry-After at once. A request still
+unanswered after serve.request_timeout_s gets a JSON 504. With serve.num_replicas >= 2 a replica that
+dies is routed around; a request it held runs again on another one (serve_proxy.RetryOnReplicaDeath,
+installed in Serve's proxy by `start`; on a cluster set its environment variable on the nodes).
 """
 
 from __future__ import annotations
@@ -32,37 +41,61 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from speeder_platform import storage
-from speeder_platform.config import SpeederConfig
+from speeder_platform.config import ServeConfig, SpeederConfig
 from speeder_platform.recommender import Limits, Query, Recommender, RequestError
+from speeder_platform.serve_api import (
+    IMAGE_TYPES,
+    BatchRecommendResponse,
+    BearerAuth,
+    BodyLimitMiddleware,
+    Health,
+    ItemId,
+    ItemRecord,
+    ModelMetadata,
+    RecommendResponse,
+    SearchQuery,
+    SearchResponse,
+    add_error_handlers,
+    document_bearer_auth,
+    image_responses,
+    parse_body,
+    request_body,
+    request_models,
+    responses,
+)
 
 log = logging.getLogger("speeder.serve")
 
 APP_NAME = "speeder"
-MAX_BODY_BYTES = 2 * 1024 * 1024  # a full batch request (256 x 200 source ids) is well under 1 MiB
-RECOMMEND_KEYS = {"history", "k", "candidates", "exclude_history"}
-BATCH_KEYS = {"histories", "k", "candidates", "exclude_history"}
+API_KEY_ENV = "SPEEDER_API_KEY"
+MIN_API_KEY_CHARS = 16  # a shorter key is guessable; `openssl rand -hex 32` gives 64 characters
 
 
 @dataclass
 class ServeSettings:
-    """Everything a replica needs, as plain values (shipped to replicas through `.bind`)."""
+    """Everything a replica needs, as plain values (shipped to replicas through `.bind`, hence visible
+    in Serve's state: a key file's path, never the key). Built by `serve_settings` from ServeConfig,
+    which holds every default."""
 
     checkpoint: str
     dataset: str
-    features_name: str = "default"
-    eval_metrics_uri: str | None = None
-    max_history: int = 200
-    max_k: int = 100
-    max_batch_requests: int = 256
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    max_body_bytes: int = MAX_BODY_BYTES
-    replica_num_cpus: float = 1.0
-    replica_num_gpus: float = 0.0
-    max_ongoing_requests: int = 64
+    features_name: str
+    eval_metrics_uri: str | None
+    max_history: int
+    max_k: int
+    max_batch_requests: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_body_bytes: int
+    replica_num_cpus: float
+    replica_num_gpus: float
+    max_ongoing_requests: int
+    max_queued_requests: int
+    api_key_file: str | None
+    require_api_key: bool = False  # set by `application`: the deploying process found a key
 
     @property
     def limits(self) -> Limits:
@@ -85,149 +118,116 @@ def serve_settings(cfg: SpeederConfig, checkpoint: str | None = None) -> ServeSe
                          max_history=s.max_history, max_k=s.max_k, max_batch_requests=s.max_batch_requests,
                          max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
                          max_body_bytes=s.max_body_bytes, replica_num_cpus=s.replica_num_cpus,
-                         replica_num_gpus=s.replica_num_gpus, max_ongoing_requests=s.max_ongoing_requests)
+                         replica_num_gpus=s.replica_num_gpus, max_ongoing_requests=s.max_ongoing_requests,
+                         max_queued_requests=s.max_queued_requests,
+                         api_key_file=os.path.abspath(s.api_key_file) if s.api_key_file else None)
+
+
+def read_api_key(key_file: str | None = None) -> str | None:
+    """The API key: the contents of `key_file` when one is named, else $SPEEDER_API_KEY, else None (open).
+
+    A named file that cannot be read, an empty key or one shorter than MIN_API_KEY_CHARS raises
+    ValueError: a deployment meant to be locked must not start open. No message holds the key.
+    """
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as err:
+            raise ValueError(f"serve.api_key_file: cannot read {key_file} ({err.strerror})") from None
+        source = f"serve.api_key_file {key_file}"
+    elif API_KEY_ENV in os.environ:
+        key, source = os.environ[API_KEY_ENV].strip(), API_KEY_ENV
+    else:
+        return None
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(f"{source}: an API key needs at least {MIN_API_KEY_CHARS} characters, got {len(key)} "
+                         "(e.g. `openssl rand -hex 32`)")
+    return key
+
+
+def replica_api_key(settings: ServeSettings) -> str | None:
+    """The key a replica enforces, read in the replica's own process (see the module docstring).
+
+    A replica that finds none while the deploying process had one refuses to start (RuntimeError).
+    """
+    key = read_api_key(settings.api_key_file)
+    if settings.require_api_key and key is None:
+        raise RuntimeError(f"the deploying process has an API key but this replica finds none: set {API_KEY_ENV} "
+                           "in every node's environment (not in a runtime_env: the dashboard shows those), or "
+                           "serve.api_key_file to a file every node has")
+    return key
 
 
 # -- the HTTP API (plain FastAPI: testable without Ray) ---------------------------------------------
-def error_body(field: str, message: str) -> dict[str, str]:
-    return {"detail": f"{field}: {message}", "field": field}
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with a 413 before anything parses them.
-
-    A declared Content-Length over the limit is refused without reading; otherwise the body is read
-    and counted as it streams (chunked uploads have no Content-Length) and replayed to the app.
-    """
-
-    def __init__(self, app: Callable, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = JSONResponse(error_body("body", f"request body over {self.max_bytes} bytes"), status_code=413)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await JSONResponse(error_body("content-length", "not a number"), status_code=400)(scope, receive, send)
-                return
-            if int(declared) > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-def parse_json_object(body: bytes, allowed: set[str], required: str) -> dict[str, Any]:
-    """A JSON object with only `allowed` keys and `required` present; RequestError (4xx) otherwise.
-
-    The parser (jiter) stops at a nesting depth of 200 with an error, so deep payloads cost nothing.
-    """
-    from pydantic_core import from_json
-
-    if not body.strip():
-        raise RequestError("body", "empty: expected a JSON object", status=400)
-    try:
-        obj = from_json(body, allow_inf_nan=False)
-    except ValueError as err:
-        raise RequestError("body", f"malformed JSON: {err}", status=400) from None
-    if not isinstance(obj, dict):
-        raise RequestError("body", f"expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise RequestError(unknown[0][:80], f"unknown field (expected {', '.join(sorted(allowed))})")
-    if required not in obj:
-        raise RequestError(required, "field required")
-    return obj
-
-
-def _int_param(value: str | None, field: str, default: int) -> int:
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise RequestError(field, f"must be an integer, got {value[:40]!r}") from None
-
-
 def build_api(rec: Recommender, recommend: Callable[[list[Query]], Awaitable[list[list[dict]]]],
               extra_metadata: Callable[[], dict[str, Any]] | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app over a recommender; `recommend` runs checked queries (batched under Serve)."""
+              max_body_bytes: int = ServeConfig.max_body_bytes, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a recommender; `recommend` runs checked queries (batched under Serve).
+
+    api_key: every route but /healthz (and /openapi.json itself) requires it as a bearer token.
+    """
     # No /docs or /redoc: their pages load Swagger / ReDoc assets from a CDN. /openapi.json stays.
-    api = FastAPI(title="Speeder", docs_url=None, redoc_url=None)
+    api = FastAPI(title="Speeder", summary="LLM-based sequential recommendation", docs_url=None, redoc_url=None)
     api.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key is not None:
+        # Added last, so outermost: a request without the key is refused before its body is read.
+        api.add_middleware(BearerAuth, key=api_key)
+        document_bearer_auth(api)
+    add_error_handlers(api)
+    locked = api_key is not None
+    one, batch = request_models(rec.limits)
 
-    @api.exception_handler(RequestError)
-    async def _bad_request(_: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(err.field, err.message), status_code=err.status)
-
-    @api.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(err).__name__}"}, status_code=500)
-
-    @api.post("/recommend")
+    @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_body(one),
+              responses=responses(400, 422, locked=locked))
     async def recommend_one(request: Request) -> dict[str, Any]:
-        body = parse_json_object(await request.body(), RECOMMEND_KEYS, "history")
-        query = rec.query(body["history"], body.get("k", 10), body.get("candidates"), body.get("exclude_history", True))
+        """The top-k items after one history (item ids or source ids, oldest first)."""
+        body = parse_body(await request.body(), one)
+        query = rec.query(body.history, body.k, body.candidates, body.exclude_history)
         (items,) = await recommend([query])
         return {"model_version": rec.trained.version, "history": list(query.history), "items": items}
 
-    @api.post("/recommend/batch")
+    @api.post("/recommend/batch", response_model=BatchRecommendResponse, openapi_extra=request_body(batch),
+              responses=responses(400, 422, locked=locked))
     async def recommend_batch(request: Request) -> dict[str, Any]:
-        body = parse_json_object(await request.body(), BATCH_KEYS, "histories")
-        queries = rec.queries(body["histories"], body.get("k", 10), body.get("candidates"),
-                              body.get("exclude_history", True))
+        """The top-k items after each of many histories, in one forward pass."""
+        body = parse_body(await request.body(), batch)
+        queries = rec.queries(body.histories, body.k, body.candidates, body.exclude_history)
         results = await recommend(queries)
         return {"model_version": rec.trained.version,
                 "results": [{"history": list(q.history), "items": r} for q, r in zip(queries, results, strict=True)]}
 
-    @api.get("/items")
-    async def search(request: Request) -> dict[str, Any]:
-        q = request.query_params.get("q", "")
-        return {"items": rec.search(q, _int_param(request.query_params.get("limit"), "limit", 10))}
+    @api.get("/items", response_model=SearchResponse, responses=responses(422, locked=locked))
+    async def search(params: SearchQuery) -> dict[str, Any]:
+        """Items whose title starts with, then contains, `q` (an exact source id first)."""
+        return {"items": rec.search(params.q, params.limit)}
 
-    @api.get("/items/{item_id}")
-    async def item(item_id: str) -> dict[str, Any]:
-        return rec.item(_int_param(item_id, "id", 0))
+    @api.get("/items/{id}", response_model=ItemRecord, responses=responses(404, 422, locked=locked))
+    async def item(item_id: ItemId) -> dict[str, Any]:
+        """One item of the catalog."""
+        return rec.item(item_id)
 
-    @api.get("/items/{item_id}/image")
-    async def image(item_id: str) -> Response:
-        found = rec.image(_int_param(item_id, "id", 0))
+    @api.get("/items/{id}/image", response_class=Response, responses=image_responses(locked=locked))
+    async def image(item_id: ItemId) -> Response:
+        """The item's image, read from the dataset (404 when it has none)."""
+        found = await asyncio.to_thread(rec.image, item_id)  # file or S3 I/O: off the event loop
         if found is None:
-            raise RequestError("image", f"item {item_id} has no image", status=404)
+            raise RequestError("id", f"item {item_id} has no image", status=404)
         data, media_type = found
-        return Response(data, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+        # Only image types go out as such: anything else a dataset holds is served as opaque bytes.
+        headers = {"Cache-Control": f"{'private' if locked else 'public'}, max-age=3600",
+                   "X-Content-Type-Options": "nosniff"}
+        return Response(data, media_type=media_type if media_type in IMAGE_TYPES else "application/octet-stream",
+                         headers=headers)
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health, responses=responses(locked=False))
     async def healthz() -> dict[str, Any]:
+        """Liveness, without a key: for load balancers and probes."""
         return {"status": "ok", "model_version": rec.trained.version}
 
-    @api.get("/metadata")
+    @api.get("/metadata", response_model=ModelMetadata, responses=responses(locked=locked))
     async def metadata() -> dict[str, Any]:
+        """The served model and the API's limits; never a path, host, process id or credential."""
         return {**rec.metadata(), **(extra_metadata() if extra_metadata else {})}
 
     return api
@@ -238,8 +238,8 @@ def _deployment():
     """The deployment class, defined on first use so that importing this module does not import Ray."""
     from ray import serve
 
-    @serve.deployment(name="SpeederServer", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
-                      health_check_period_s=10)
+    # Resources, replica count and request limits are set by `application` from ServeSettings.
+    @serve.deployment(name="SpeederServer", health_check_period_s=10)
     @serve.ingress()
     class SpeederServer:
         """One replica: the model and the catalog's item tokens, loaded once; FastAPI routes over them."""
@@ -248,6 +248,7 @@ def _deployment():
             import torch
 
             self.settings = ServeSettings(**settings)
+            self.api_key = replica_api_key(self.settings)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.rec = Recommender.from_checkpoint(self.settings.checkpoint, self.settings.dataset,
                                                    self.settings.features_name, device=device,
@@ -257,7 +258,7 @@ def _deployment():
             self._forward.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
             self.started = time.time()
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        @serve.batch  # sized from the settings in __init__
         async def _forward(self, queries: list[Query]) -> list[list[dict]]:
             # In a thread: the event loop keeps accepting (and batching) requests meanwhile.
             return await asyncio.to_thread(self.rec.recommend_queries, queries)
@@ -268,11 +269,11 @@ def _deployment():
         def serving(self) -> dict[str, Any]:
             s = self.settings
             return {"serve": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
-                              "max_body_bytes": s.max_body_bytes, "pid": os.getpid(),
+                              "max_body_bytes": s.max_body_bytes, "api_key_required": self.api_key is not None,
                               "uptime_s": round(time.time() - self.started, 1)}}
 
         def __serve_build_asgi_app__(self) -> Any:
-            return build_api(self.rec, self.recommend, self.serving, self.settings.max_body_bytes)
+            return build_api(self.rec, self.recommend, self.serving, self.settings.max_body_bytes, self.api_key)
 
         def check_health(self) -> None:
             if self.rec.table is None:
@@ -282,19 +283,34 @@ def _deployment():
 
 
 def application(settings: ServeSettings, num_replicas: int = 1, access_log: bool = True) -> Any:
-    """A bound Serve application for `serve.run` (access_log=False: no log line per request, for benchmarks)."""
+    """A bound Serve application for `serve.run` (access_log=False: no log line per request, for benchmarks).
+
+    Reads the API key once here too, so that a missing key file fails before anything deploys, and tells
+    the replicas (by a flag, not the key) that they must find one.
+    """
+    from ray.serve.config import BackpressureConfig
+
+    from speeder_platform.serve_proxy import RETRY_AFTER_S
+
+    locked = read_api_key(settings.api_key_file) is not None
+    if not locked:
+        log.warning("no API key (%s or serve.api_key_file): every endpoint is open to whoever reaches the port",
+                    API_KEY_ENV)
     deployment = _deployment().options(
         num_replicas=num_replicas, max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),  # 503 + Retry-After when full
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         logging_config={"enable_access_log": access_log})
-    return deployment.bind(dataclasses.asdict(settings))
+    return deployment.bind(dataclasses.asdict(dataclasses.replace(settings, require_api_key=locked)))
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """Application builder for `serve run` (import path `speeder_platform.serve:build_app`).
 
     args: config (a job spec / config YAML), overrides (dotlist list), checkpoint (optional URI),
-    max_body_bytes (optional). Host and port come from the Serve config file's http_options.
+    max_body_bytes (optional). Host, port and request_timeout_s come from the Serve config file's
+    http_options.
     """
     from speeder_platform.config import load_config
 
@@ -318,7 +334,7 @@ def start(cfg: SpeederConfig, settings: ServeSettings, port: int | None = None, 
     install_proxy_hook()  # before Ray starts: the proxy inherits the environment of the Ray it runs in
     ensure_ray(cfg)
     port = port or cfg.serve.port
-    serve.start(http_options={"host": cfg.serve.host, "port": port})
+    serve.start(http_options={"host": cfg.serve.host, "port": port, "request_timeout_s": cfg.serve.request_timeout_s})
     serve.run(application(settings, cfg.serve.num_replicas), name=name, route_prefix="/")
     return f"http://{cfg.serve.host}:{port}"
 

@@ -10,12 +10,19 @@ gets `503 {"detail": "service: ...", "field": "service"}` with `Retry-After`, ne
 a bare 500. A response that has started is never retried; a client that went away is not retried.
 A response that needed more than one attempt carries `x-speeder-retries: N`.
 
+Serve's proxy also answers some requests itself, in plain text: 503 when more than the deployment's
+max_queued_requests wait (`Request dropped due to backpressure ...`) and 408 when serve.request_timeout_s
+passes. Those become the API's JSON error body (`"field": "service"`); the timeout becomes a 504 (the
+client was not slow, the server was). And a client cannot lift the timeout: Serve honours per-request
+`x-request-timeout-seconds` (0 disables it) and `x-request-disconnect-disabled` headers, meant for its
+own HAProxy ingress; they are dropped from every request here.
+
 Serve installs proxy middlewares through its hook, an environment variable of the proxy's process:
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=speeder_platform.serve_proxy:proxy_middlewares
 
 `speeder serve` sets it before it starts a local Ray (the proxy inherits it); on a cluster, set it in
-the nodes' environment. This module imports nothing heavy: it runs inside the proxy process.
+the nodes' environment. It runs inside the proxy process, so it imports nothing heavy (config: no torch).
 """
 
 from __future__ import annotations
@@ -27,14 +34,25 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from speeder_platform.config import ServeConfig
+
 log = logging.getLogger("speeder.serve")
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "speeder_platform.serve_proxy:proxy_middlewares"
-MAX_REPLAY_BYTES = 2 * 1024 * 1024  # the replicas refuse larger bodies (serve.max_body_bytes) anyway
+MAX_REPLAY_BYTES = ServeConfig.max_body_bytes  # the replicas refuse larger bodies by default anyway
 RETRY_DELAYS_S = (0.2, 1.0, 2.0)  # pauses before each new attempt: the router learns of the death meanwhile
 RETRY_AFTER_S = 2
 RETRIES_HEADER = b"x-speeder-retries"
+# Per-request overrides of Serve's own policies (timeout, disconnect handling): not a client's to set.
+DROPPED_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
+# Serve's own plain-text errors -> (status, what the JSON body says).
+SERVE_ERRORS = {
+    408: (504, "no answer within the request timeout (serve.request_timeout_s)"),
+    429: (429, "overloaded: too many requests are waiting; retry after the Retry-After delay"),
+    503: (503, "overloaded or unavailable: too many requests are waiting, or no replica is up; retry after "
+               "the Retry-After delay"),
+}
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -66,6 +84,8 @@ class RetryOnReplicaDeath:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = {**scope, "headers": _without(scope.get("headers") or [], DROPPED_HEADERS)}
+        send = _json_errors(send)
         chunks, complete = await self._buffer(scope, receive)
         if chunks is None:  # the client left before its body arrived: nobody to answer
             return
@@ -139,10 +159,49 @@ def _replay(chunks: list[bytes], receive: Receive, more: bool, state: dict[str, 
     return replayed
 
 
+def _without(headers: list, names: set[bytes] | frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k.lower() not in names]
+
+
+def _json_errors(send: Send) -> Send:
+    """A send callable that turns Serve's plain-text error responses into the API's JSON error body.
+
+    The app's own errors are JSON already and pass through, as does every success (images included).
+    """
+    held: Message | None = None
+    text = b""
+
+    async def sending(message: Message) -> None:
+        nonlocal held, text
+        if message["type"] == "http.response.start":
+            headers = message.get("headers") or []
+            content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+            if message["status"] >= 400 and not content_type.startswith(b"application/json"):
+                held = message
+                return
+        elif held is not None and message["type"] == "http.response.body":
+            text += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            status, what = SERVE_ERRORS.get(held["status"], (held["status"], "error"))
+            served = text.decode("utf-8", "replace").strip()[:200]
+            kept = _without(held.get("headers") or [], {b"content-type", b"content-length"})  # Retry-After stays
+            await _send_error(send, status, f"{what} ({served})" if served else what, kept)
+            return
+        await send(message)
+
+    return sending
+
+
 async def _unavailable(send: Send) -> None:
-    body = json.dumps({"detail": "service: the replica serving this request failed and no other replica "
-                                 "answered; retry shortly", "field": "service"}).encode()
-    await send({"type": "http.response.start", "status": 503,
+    await _send_error(send, 503, "the replica serving this request failed and no other replica answered; "
+                                 "retry shortly", [(b"retry-after", str(RETRY_AFTER_S).encode())])
+
+
+async def _send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """The API's error body (serve_api.ErrorBody) for a failure of the service, not of the request."""
+    body = json.dumps({"detail": f"service: {message}", "field": "service"}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(RETRY_AFTER_S).encode())]})
+                            *headers]})
     await send({"type": "http.response.body", "body": body})

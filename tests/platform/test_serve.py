@@ -1,21 +1,36 @@
-"""The recommendation API on a real Ray Serve instance on loopback: good, bad and hostile requests.
+"""The recommendation API on a real Ray Serve instance on loopback: good, bad and hostile requests, the
+API key, overload and the request timeout, as Serve's proxy and the replicas answer them.
 
-One Serve application for the whole module (deploying costs seconds), shut down at the end.
+One Serve instance for the whole module (deploying costs seconds), shut down at the end: the API under
+test, and a second application that answers slowly (its batches wait far longer than the timeout).
+The API key reaches the replicas through serve.api_key_file, as it would from a mounted secret.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import secrets
 import socket
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from speeder_platform.serve_proxy import install_proxy_hook
 from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
 
 pytestmark = pytest.mark.integration
+
+# Serve's proxy reads its middleware hook from the environment of the Ray it runs in: set it before any
+# test starts the session's Ray (collection comes first), as `speeder serve` does before it starts one.
+install_proxy_hook()
+
+KEY = secrets.token_hex(16)
+TIMEOUT_S = 5.0  # serve.request_timeout_s here: far above any answer of the API under test, and short
+SLOW_APP = "speeder-slow"
 
 
 def _free_port() -> int:
@@ -26,7 +41,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_session: None):
-    """Serve on 127.0.0.1:<free port> with a tiny untrained checkpoint; yields (base URL, port, items)."""
+    """Serve on 127.0.0.1:<free port> with a tiny untrained checkpoint and an API key; yields
+    (base URL, port, items, key file, settings)."""
     from ray import serve
 
     from speeder_platform import storage
@@ -35,22 +51,32 @@ def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_sessio
     root = tmp_path_factory.mktemp("serve")
     data = prepare_synthetic(str(root / "data"))
     write_random_features(data)
+    key_file = root / "api-key"
+    key_file.write_text(KEY + "\n")
     cfg = tiny_config(str(root), f"data.uri={data}", "serve.max_history=12", "serve.max_k=20",
-                      "serve.max_batch_requests=8", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2")
+                      "serve.max_batch_requests=8", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2",
+                      f"serve.api_key_file={key_file}", f"serve.request_timeout_s={TIMEOUT_S}")
     ckpt = write_checkpoint(cfg, str(root / "ckpt"))
     port = _free_port()
-    url = start(cfg, serve_settings(cfg, ckpt), port=port, name="speeder-test")
+    settings = serve_settings(cfg, ckpt)
+    url = start(cfg, settings, port=port, name="speeder-test")
     items = storage.read_table(storage.join(data, "items.parquet")).to_pylist()
     try:
-        yield url, port, items
+        yield url, port, items, str(key_file), settings
     finally:
         serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def http(server) -> httpx.Client:
-    with httpx.Client(base_url=server[0], timeout=60) as client:
+    with httpx.Client(base_url=server[0], timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
         yield client
+
+
+def _replica_pids(app: str) -> set[int]:
+    from speeder_platform.bench_faults_env import alive_actors
+
+    return {a["pid"] for a in alive_actors(f"ServeReplica:{app}:SpeederServer")}
 
 
 def test_recommend_by_item_and_source_ids(http: httpx.Client, server) -> None:
@@ -83,6 +109,36 @@ def test_candidates_batch_items_search_health_metadata(http: httpx.Client, serve
     meta = http.get("/metadata").json()
     assert meta["stage"] == 3 and meta["num_items"] == len(items) and "train_metrics" in meta
     assert meta["serve"]["max_batch_size"] == 8 and meta["limits"]["max_history"] == 12
+    assert meta["serve"]["api_key_required"] is True
+
+
+def test_metadata_holds_no_path_pid_host_or_key(http: httpx.Client, server) -> None:
+    settings = server[4]
+    text = http.get("/metadata").text
+    pids = _replica_pids("speeder-test")
+    assert pids
+    for leak in (settings.checkpoint, settings.dataset, server[3], socket.gethostname(), KEY, *map(str, pids)):
+        assert leak not in text, leak
+    assert "pid" not in json.loads(text)["serve"]
+
+
+def test_every_endpoint_but_healthz_needs_the_key(server) -> None:
+    url = server[0]
+    with_image = next(i for i, it in enumerate(server[2]) if it["image_uri"])
+    routes = [("POST", "/recommend", {"history": [0]}), ("POST", "/recommend/batch", {"histories": [[0]]}),
+              ("GET", "/items?q=a", None), ("GET", "/items/3", None), ("GET", f"/items/{with_image}/image", None),
+              ("GET", "/metadata", None), ("GET", "/openapi.json", None)]
+    wrong = ({}, {"Authorization": "Bearer " + secrets.token_hex(16)}, {"Authorization": f"Basic {KEY}"})
+    with httpx.Client(base_url=url, timeout=60) as anonymous:
+        for method, path, body in routes:
+            for headers in wrong:
+                r = anonymous.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (method, path, r.text)
+                assert r.headers["www-authenticate"] == "Bearer" and r.json()["field"] == "authorization"
+                assert KEY not in r.text
+            r = anonymous.request(method, path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200, (method, path, r.text)
+        assert anonymous.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("path, body, status, field", [
@@ -119,11 +175,12 @@ def test_malformed_requests(http: httpx.Client) -> None:
     assert r.status_code == 404 and r.json()["field"] == "id"
     r = http.get("/items", params={"q": "x", "limit": 0})
     assert r.status_code == 422 and r.json()["field"] == "limit"
-    assert http.get("/recommend").status_code == 405
+    r = http.get("/recommend")
+    assert r.status_code == 405 and r.json()["field"] is None
 
 
 def test_hostile_payloads_get_4xx_and_the_replica_survives(http: httpx.Client) -> None:
-    pid_before = http.get("/metadata").json()["serve"]["pid"]
+    pids_before = _replica_pids("speeder-test")
     ten_mb = b'{"history": [' + b"1," * (5 * 1024 * 1024) + b'1]}'
     r = http.post("/recommend", content=ten_mb, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["field"] == "body"
@@ -144,7 +201,7 @@ def test_hostile_payloads_get_4xx_and_the_replica_survives(http: httpx.Client) -
     r = http.post("/recommend", json={"history": [0], "k": 10**30})
     assert r.status_code == 422 and r.json()["field"] == "k"
     assert http.get("/healthz").status_code == 200
-    assert http.get("/metadata").json()["serve"]["pid"] == pid_before  # the same replica process
+    assert _replica_pids("speeder-test") == pids_before  # the same replica process
     assert http.post("/recommend", json={"history": [0, 1], "k": 3}).status_code == 200
 
 
@@ -153,7 +210,7 @@ def test_concurrent_requests_are_batched(http: httpx.Client, server) -> None:
     n = 16
 
     def one(i: int) -> int:
-        with httpx.Client(base_url=server[0], timeout=60) as c:
+        with httpx.Client(base_url=server[0], timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
             return c.post("/recommend", json={"history": [i % 10, (i + 3) % 10], "k": 3}).status_code
 
     with ThreadPoolExecutor(n) as pool:
@@ -176,15 +233,90 @@ def test_http_port_listens_on_loopback_only(server) -> None:
 
 def test_openapi_lists_the_routes(http: httpx.Client) -> None:
     paths = set(json.loads(http.get("/openapi.json").text)["paths"])
-    assert {"/recommend", "/recommend/batch", "/items", "/items/{item_id}", "/healthz", "/metadata"} <= paths
+    assert {"/recommend", "/recommend/batch", "/items", "/items/{id}", "/items/{id}/image", "/healthz",
+            "/metadata"} == paths
 
 
-def test_the_demo_talks_to_the_endpoint(server) -> None:
+@pytest.fixture(scope="module")
+def slow_url(server) -> str:
+    """A second application whose batches wait 60 s for company: every request outlives the timeout.
+    A replica holds 2 requests and 2 more may wait at the proxy; the rest must be refused at once."""
+    from ray import serve
+
+    from speeder_platform.serve import application
+
+    settings = dataclasses.replace(server[4], max_batch_size=64, batch_wait_timeout_s=60.0, max_ongoing_requests=2,
+                                   max_queued_requests=2, replica_num_cpus=0.5)
+    serve.run(application(settings), name=SLOW_APP, route_prefix="/slow")
+    return f"{server[0]}/slow"
+
+
+def test_overload_is_a_fast_503_and_a_slow_request_a_504(slow_url: str, http: httpx.Client) -> None:
+    from speeder_platform.serve_api import ErrorBody
+
+    doc = http.get("/openapi.json").json()["paths"]["/recommend"]["post"]["responses"]
+    n = 12
+
+    def one(i: int) -> tuple[int, float, httpx.Response]:
+        started = time.perf_counter()
+        with httpx.Client(timeout=3 * TIMEOUT_S, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            r = c.post(f"{slow_url}/recommend", json={"history": [i % 10], "k": 3})
+        return r.status_code, time.perf_counter() - started, r
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    refused = [(t, r) for code, t, r in results if code == 503]
+    timed_out = [(t, r) for code, t, r in results if code == 504]
+    assert len(refused) + len(timed_out) == n, [(code, round(t, 2), r.text[:120]) for code, t, r in results]
+    # 2 run and 2 wait; Serve's count is not exact under a burst (a request between the queue and the
+    # replica is in neither: one more got in, in a run of this test), hence the slack of 2.
+    assert len(refused) >= n - 6, [code for code, _, _ in results]
+    for seconds, r in refused:
+        assert seconds < 2.0, seconds  # at once, not after queueing
+        assert r.headers["retry-after"].isdigit()
+    for seconds, r in timed_out:
+        assert TIMEOUT_S - 0.5 < seconds < TIMEOUT_S + 5, seconds  # the timeout, not a hang
+        assert "timed out" in r.json()["detail"]
+    for _, r in refused + timed_out:
+        assert r.headers["content-type"] == "application/json" and str(r.status_code) in doc
+        assert ErrorBody.model_validate(r.json()).field == "service"
+
+
+def test_the_key_is_in_no_log_and_no_serve_state(server, slow_url: str, http: httpx.Client) -> None:
+    import pathlib
+
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    assert http.get("/metadata").status_code == 200
+    logs = pathlib.Path(ray._private.worker._global_node.get_logs_dir_path())  # this session's logs
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert files
+    leaked = [str(f) for f in files if KEY.encode() in f.read_bytes()]
+    assert not leaked, leaked
+    # What the dashboard shows of Serve (deployments, their config and arguments) and of the actors.
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    details = ServeSubmissionClient(f"http://{ray._private.worker._global_node.webui_url}").get_serve_details()
+    dashboard = json.dumps(details, default=str)
+    assert SLOW_APP in dashboard
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True, limit=1000)
+    for shown in (dashboard, str(serve.status()), json.dumps(actors, default=str)):
+        assert KEY not in shown
+
+
+def test_the_demo_talks_to_the_endpoint(server, monkeypatch: pytest.MonkeyPatch) -> None:
     from speeder_platform.recommender import RequestError
+    from speeder_platform.serve import API_KEY_ENV
     from speeder_ui.app import HttpBackend
 
-    url, _, items = server
-    backend = HttpBackend(url)
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    url, _, items, key_file, _ = server
+    with pytest.raises(RequestError) as err:
+        HttpBackend(url).metadata()  # no key: refused
+    assert err.value.status == 401 and err.value.field == "authorization"
+    backend = HttpBackend(url, api_key_file=key_file)  # the header it sends gets in
     recs = backend.recommend([0, 1], 4, True)
     assert len(recs) == 4 and not {0, 1} & {r["item_id"] for r in recs}
     assert backend.search(items[3]["title"], 5)[0]["item_id"] == 3
@@ -215,5 +347,8 @@ def test_serve_config_files(name: str) -> None:
     (app,) = config.applications
     assert app.import_path == "speeder_platform.serve:build_app" and app.route_prefix == "/"
     assert set(app.args) <= {"config", "overrides", "checkpoint", "max_body_bytes"}
-    load_config(str(root / app.args["config"]), app.args.get("overrides"))
+    cfg = load_config(str(root / app.args["config"]), app.args.get("overrides"))
     assert [d.name for d in app.deployments] == ["SpeederServer"]
+    # The one setting build_app cannot apply (Serve's HTTP options): the file states the app's own value.
+    assert config.http_options.request_timeout_s == cfg.serve.request_timeout_s
+    assert "SPEEDER_API_KEY" not in json.dumps(app.runtime_env)  # a key there would show on the dashboard

@@ -83,14 +83,23 @@ class LocalBackend:
 
 
 class HttpBackend:
-    """A running Serve endpoint (`speeder serve`); its 4xx answers come back as RequestError."""
+    """A running Serve endpoint (`speeder serve`); its 4xx answers come back as RequestError.
 
-    def __init__(self, endpoint: str, label: str = "A", timeout: float = 60.0) -> None:
+    It sends the API key as `Authorization: Bearer` when one is set, read as the API reads it
+    (serve.api_key_file, else $SPEEDER_API_KEY); the key stays in the client's headers, never logged.
+    """
+
+    def __init__(self, endpoint: str, label: str = "A", timeout: float = 60.0,
+                 api_key_file: str | None = None) -> None:
         import httpx
+
+        from speeder_platform.serve import read_api_key
 
         self.endpoint = endpoint.rstrip("/")
         self.label = label
-        self.http = httpx.Client(base_url=self.endpoint, timeout=timeout)
+        key = read_api_key(api_key_file)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
 
     def _json(self, response: Any) -> Any:
         if response.status_code < 400:
@@ -278,7 +287,7 @@ def _backend(spec: str | None, cfg: Any, label: str) -> Backend:
     """An endpoint URL, `stageN` (that stage's best checkpoint in the config's run), a checkpoint URI, or
     None (serve.checkpoint, else the run's final checkpoint), loaded in this process."""
     if spec and spec.startswith(("http://", "https://")):
-        return HttpBackend(spec, label)
+        return HttpBackend(spec, label, api_key_file=cfg.serve.api_key_file)
     from speeder_platform import storage
     from speeder_platform.serve import serve_settings
 
