@@ -137,9 +137,11 @@ def catalog_tokens(model: nn.Module, features: ItemFeatures, active: Iterable[st
 
 @torch.no_grad()
 def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *, batch_size: int = 64,
-                 full: bool = True, mask_history: bool = True) -> dict[str, np.ndarray]:
+                 full: bool = True, mask_history: bool = True,
+                 active: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Ranks of each sample's target: among its candidates, and (if `full`) among the whole catalog.
 
+    item_table: the catalog's tokens made with the `active` modalities (None: all of the model's).
     Full ranking masks the user's history items (the target itself is never masked).
     """
     model.eval()
@@ -149,7 +151,7 @@ def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *
         history = batch["history"].to(device)
         target = batch["target"].to(device)
         cands = batch["candidates"].to(device)
-        u, _, _ = model.user_vectors(history, item_table)
+        u, _, _ = model.user_vectors(history, item_table, active)
         cand_scores = model.item_scores(u, item_table[cands])  # (B, C)
         cand_ranks.append(target_rank(cand_scores, (cands == target.unsqueeze(1)).long().argmax(1)).cpu())
         if full:
@@ -171,7 +173,7 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
     """Both protocols' metrics on a split: candidate HR@1/ValidRatio/VHR@1 and full-ranking HR@K/NDCG@K."""
     t0 = time.perf_counter()
     table = catalog_tokens(model, features, active)
-    ranks = rank_targets(model, samples, table, batch_size=batch_size, full=full)
+    ranks = rank_targets(model, samples, table, batch_size=batch_size, full=full, active=active)
     metrics = {f"cand_{k_}": v for k_, v in candidate_metrics(ranks["candidates"]).items()}
     if full:
         metrics.update({f"full_{k_}": v for k_, v in full_ranking_metrics(ranks["full"], k).items()})

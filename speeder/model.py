@@ -52,6 +52,10 @@ class SpeederSettings:
     # token + PPL). W_x starts as the identity and the LLM's projections at zero, so before training the
     # model scores like "the last item's token" and the LLM's part grows from there.
     readout_skip: bool = False
+    # The sequence encoder's (SASRec's) user state as a user-side path: user vectors add
+    # W_s skip(h_seq), skip = MRC's sequence skip (so user and item share SASRec's geometry), W_s from the
+    # identity. Needs sequence_skip and a sequence encoder; active only with the sequence modality.
+    sequence_user: bool = False
     # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
     # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().
     distill_weight: float = 0.0
@@ -59,6 +63,8 @@ class SpeederSettings:
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ValueError(f"readout: {self.readout!r} is not one of {', '.join(READOUTS)}")
+        if self.sequence_user and not self.sequence_skip:
+            raise ValueError("sequence_user needs sequence_skip (the user state enters through the same map)")
 
 
 class ScoringHead(nn.Module):
@@ -69,26 +75,29 @@ class ScoringHead(nn.Module):
     """
 
     def __init__(self, d: int, readout: str = "final", slots: bool = False, item_prior: bool = False,
-                 input_skip: bool = False, init_temperature: float = 20.0) -> None:
+                 input_skip: bool = False, sequence_user: bool = False, init_temperature: float = 20.0) -> None:
         super().__init__()
         self.readout = readout
         self.proj = nn.Linear(d, d, bias=False) if readout in ("final", "both") else None
         self.slot_proj = nn.Linear(d, d, bias=False) if slots or readout != "final" else None
         self.input_skip = nn.Linear(d, d, bias=False) if input_skip else None
+        self.sequence_skip = nn.Linear(d, d, bias=False) if sequence_user else None
         for linear in (self.proj, self.slot_proj):
             if linear is not None:  # with the input skip the LLM's part starts at zero
                 nn.init.zeros_(linear.weight) if input_skip else nn.init.eye_(linear.weight)
-        if self.input_skip is not None:
-            nn.init.eye_(self.input_skip.weight)
+        for linear in (self.input_skip, self.sequence_skip):
+            if linear is not None:
+                nn.init.eye_(linear.weight)
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
         self.log_temperature = nn.Parameter(torch.tensor([math.log(init_temperature)]))
         self.prior = nn.Linear(d, 1, bias=False) if item_prior else None
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)  # starts as no prior at all
 
-    def user_vectors(self, h_final: torch.Tensor, h_last: torch.Tensor, x_last: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, h_final: torch.Tensor, h_last: torch.Tensor, x_last: torch.Tensor,
+                     seq: torch.Tensor | None = None) -> torch.Tensor:
         """h_final (B, D) at the prompt's last token, h_last (B, D) at the last history slot, x_last (B, D)
-        that slot's input token -> unit user vectors (B, D)."""
+        that slot's input token, seq (B, D) the sequence encoder's user state in token space -> (B, D)."""
         if self.readout == "final":
             u = self.proj(h_final)
         elif self.readout == "last_slot":
@@ -97,13 +106,18 @@ class ScoringHead(nn.Module):
             u = self.proj(h_final) + self.slot_proj(h_last)
         if self.input_skip is not None:
             u = u + self.input_skip(x_last)
+        if self.sequence_skip is not None and seq is not None:
+            u = u + self.sequence_skip(seq)
         return F.normalize(u, dim=-1)  # (B, D)
 
-    def slot_vectors(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """h (K, D) at history slots, x (K, D) their input tokens -> unit vectors (K, D) for the next item."""
+    def slot_vectors(self, h: torch.Tensor, x: torch.Tensor, seq: torch.Tensor | None = None) -> torch.Tensor:
+        """h (K, D) at history slots, x (K, D) their input tokens, seq (K, D) the sequence encoder's state
+        after them in token space -> unit vectors (K, D) for the next item."""
         v = self.slot_proj(h)
         if self.input_skip is not None:
             v = v + self.input_skip(x)
+        if self.sequence_skip is not None and seq is not None:
+            v = v + self.sequence_skip(seq)
         return F.normalize(v, dim=-1)
 
     def scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -119,8 +133,11 @@ class ScoringHead(nn.Module):
 class SpeederModel(nn.Module):
     """The whole recommender; only LoRA, MRC, PPL and the heads train (the backbone stays frozen)."""
 
-    def __init__(self, backbone: Backbone, settings: SpeederSettings) -> None:
+    def __init__(self, backbone: Backbone, settings: SpeederSettings,
+                 sequence_encoder: nn.Module | None = None) -> None:
         super().__init__()
+        if settings.sequence_user and sequence_encoder is None:
+            raise ValueError("sequence_user needs the sequence encoder (featurize's SASRec)")
         self.settings = settings
         self.backbone = backbone.model  # registered: LoRA weights are part of this module
         self._backbone = backbone  # tokenizer and helpers (plain attribute)
@@ -132,8 +149,13 @@ class SpeederModel(nn.Module):
                        sequence_skip=settings.sequence_skip)
         self.ppl = PositionPromptLearning(settings.max_history, d) if settings.use_ppl else None
         self.head = ScoringHead(d, settings.readout, slots=settings.dense_weight > 0 or settings.distill_weight > 0,
-                                item_prior=settings.item_prior, input_skip=settings.readout_skip)
+                                item_prior=settings.item_prior, input_skip=settings.readout_skip,
+                                sequence_user=settings.sequence_user)
         self.ppt = PositionProxyHead(d, settings.max_history) if settings.ppt_lambda > 0 else None
+        # Frozen: SASRec as featurize trained it (its item embeddings are the sequence features).
+        self.sequence_encoder = sequence_encoder if settings.sequence_user else None
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.requires_grad_(False).eval()
 
     # -- item tokens ------------------------------------------------------------------------------
     def item_tokens(self, features: ItemFeatures, active: Iterable[str]) -> torch.Tensor:
@@ -159,9 +181,30 @@ class SpeederModel(nn.Module):
                                        position_ids=batch.position_ids, use_cache=False)
         return out.last_hidden_state, batch
 
-    def user_vectors(self, history: torch.Tensor, item_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      PromptBatch]:
-        """-> unit user vectors (B, D), all hidden states (B, T, D) and the prompt batch."""
+    def sequence_states(self, history: torch.Tensor, active: Iterable[str] | None) -> torch.Tensor | None:
+        """The sequence encoder's user state after every history column, mapped into token space by MRC's
+        sequence skip: history (B, H) catalog ids -> (B, H, D), or None when the path is off (no encoder,
+        or the sequence modality is not active)."""
+        if self.sequence_encoder is None or "sequence" not in self._active(active):
+            return None
+        with torch.no_grad():
+            self.sequence_encoder.eval()
+            h = self.sequence_encoder.forward_all(history[:, -self.settings.max_history:]).float()  # (B, H, d_s)
+        return self.mrc.sequence_skip(h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-12))
+
+    def _active(self, active: Iterable[str] | None) -> list[str]:
+        mine = self.settings.modalities
+        return list(mine) if active is None else [m for m in active if m in mine]
+
+    def user_vectors(self, history: torch.Tensor, item_table: torch.Tensor, active: Iterable[str] | None = None,
+                     states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
+        """-> unit user vectors (B, D), all hidden states (B, T, D) and the prompt batch.
+
+        history holds rows of item_table; active: the modalities item_table was made with (None: all of
+        the model's); states (B, H, D): `sequence_states` when history is not in catalog ids.
+        """
+        if states is None:
+            states = self.sequence_states(history, active)
         hidden, batch = self.encode(history, item_table)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last_slot = batch.history_slots[:, -1]  # (B,) token index of the most recent item; -1: no history
@@ -169,7 +212,8 @@ class SpeederModel(nn.Module):
         h_final = hidden[:, -1].float()  # (B, D)
         h_last = torch.where(has, hidden[rows, last_slot.clamp(min=0)].float(), h_final)
         x_last = torch.where(has, self.slot_inputs(history[:, -1:].clamp(min=0), item_table)[:, 0], 0.0)
-        return self.head.user_vectors(h_final, h_last, x_last), hidden, batch
+        seq = None if states is None else torch.where(has, states[:, -1], 0.0)
+        return self.head.user_vectors(h_final, h_last, x_last, seq), hidden, batch
 
     def slot_inputs(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """The input tokens of history columns, item token + PPL: history (B, H) of real item rows
@@ -185,15 +229,16 @@ class SpeederModel(nn.Module):
         """u (B, D) user vectors; items (B, C, D) candidate tokens or (N, D) a table -> (B, C) or (B, N)."""
         return self.head.scores(u, items.float())
 
-    def score_candidates(self, history: torch.Tensor, candidates: torch.Tensor,
-                         item_table: torch.Tensor) -> torch.Tensor:
+    def score_candidates(self, history: torch.Tensor, candidates: torch.Tensor, item_table: torch.Tensor,
+                         active: Iterable[str] | None = None) -> torch.Tensor:
         """history (B, H), candidates (B, C) -> scores (B, C), one forward pass, no decoding."""
-        u, _, _ = self.user_vectors(history, item_table)
+        u, _, _ = self.user_vectors(history, item_table, active)
         return self.item_scores(u, item_table[candidates])
 
-    def score_catalog(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+    def score_catalog(self, history: torch.Tensor, item_table: torch.Tensor,
+                      active: Iterable[str] | None = None) -> torch.Tensor:
         """history (B, H) -> scores over every item (B, N)."""
-        u, _, _ = self.user_vectors(history, item_table)
+        u, _, _ = self.user_vectors(history, item_table, active)
         return self.item_scores(u, item_table)
 
     # -- training ---------------------------------------------------------------------------------
@@ -216,6 +261,7 @@ class SpeederModel(nn.Module):
         items (history + target) run through MRC with gradients: cached negatives.
         """
         history = history[:, -self.settings.max_history:]
+        states = self.sequence_states(history, active)  # (B, H, D) or None, from catalog ids
         if candidates is None and cached_table is not None:
             ids = torch.unique(torch.cat([history[history >= 0], target]))
             fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
@@ -235,7 +281,7 @@ class SpeederModel(nn.Module):
             item_table = self.item_tokens(features.select(ids), active)  # (K, D)
             history = torch.where(history >= 0, local[history.clamp(min=0)], history)
             target, candidates = local[target], local[candidates]
-        u, hidden, batch = self.user_vectors(history, item_table)
+        u, hidden, batch = self.user_vectors(history, item_table, active, states)
         if candidates is None:
             rec = F.cross_entropy(self.item_scores(u, item_table), target)  # over the catalog (B, N)
         else:
@@ -244,7 +290,7 @@ class SpeederModel(nn.Module):
         zero = rec.new_zeros(())
         dense = distill = zero
         if self.settings.dense_weight or (self.settings.distill_weight and teacher_logits is not None):
-            logits, labels, real = self._slot_logits(hidden, batch, history, target, item_table)  # (K, P), (K,)
+            logits, labels, real = self._slot_logits(hidden, batch, history, target, item_table, states)
             if self.settings.dense_weight:
                 dense = F.cross_entropy(logits, labels)
             if self.settings.distill_weight and teacher_logits is not None:
@@ -267,27 +313,32 @@ class SpeederModel(nn.Module):
                 "distill_loss": distill.detach(), "ppt_loss": ppt.detach()}
 
     def _slot_logits(self, hidden: torch.Tensor, batch: PromptBatch, history: torch.Tensor, target: torch.Tensor,
-                     item_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     item_table: torch.Tensor, states: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-item scores at every real history slot. hidden (B, T, D); history (B, H) and target (B,) as
-        row indices of item_table (P, D) -> logits (K, P), the next item (K,), the real columns (B, H)."""
+        row indices of item_table (P, D); states (B, H, D) or None -> logits (K, P), the next item (K,),
+        the real columns (B, H)."""
         slots = batch.history_slots  # (B, H) token index of each history column, -1 for padding
         following = torch.cat([history[:, 1:], target.unsqueeze(1)], dim=1)  # (B, H): the item after each
         real = slots >= 0  # left padding: a real column is always followed by a real item or the target
         rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(slots)[real]  # (K,)
         x = self.slot_inputs(history.clamp(min=0), item_table)[real]  # (K, D)
-        v = self.head.slot_vectors(hidden[rows, slots[real]].float(), x)  # (K, D)
+        v = self.head.slot_vectors(hidden[rows, slots[real]].float(), x,
+                                   None if states is None else states[real])  # (K, D)
         return self.item_scores(v, item_table), following[real], real
 
     # -- checkpoints ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Everything Speeder trains (LoRA, MRC, PPL, heads): the backbone's frozen weights excluded."""
+        """Everything Speeder trains (LoRA, MRC, PPL, heads): the frozen backbone and sequence encoder
+        excluded (the encoder is featurize's SASRec, loaded from the features)."""
         return {name: p.detach() for name, p in self.named_parameters()
-                if not name.startswith("backbone.") or "lora_" in name}
+                if not name.startswith(("backbone.", "sequence_encoder.")) or "lora_" in name}
 
 
 def build_model(backbone_name: str, settings: SpeederSettings, *, lora_r: int = 8, lora_alpha: int = 16,
                 lora_dropout: float = 0.05, lora_targets: list[str] | None = None, num_layers: int | None = None,
-                dtype: str = "float32", seed: int = 0, backbone_seed: int = 0) -> SpeederModel:
+                dtype: str = "float32", seed: int = 0, backbone_seed: int = 0,
+                sequence_encoder: nn.Module | None = None) -> SpeederModel:
     """Backbone + LoRA + Speeder parts, initialised from `seed` (every worker builds the same model).
 
     `backbone_seed` initialises the random tiny presets only (their frozen weights are not in
@@ -301,5 +352,5 @@ def build_model(backbone_name: str, settings: SpeederSettings, *, lora_r: int = 
         add_lora(backbone, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                  target_modules=lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"])
-        model = SpeederModel(backbone, settings)
+        model = SpeederModel(backbone, settings, sequence_encoder)
     return model

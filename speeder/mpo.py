@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 GROUP_PATTERNS: list[tuple[str, str]] = [
     (r"^backbone\..*lora_", "lora"),
     (r"^backbone\.", "backbone"),  # frozen base weights: never trained
+    (r"^sequence_encoder\.", "backbone"),  # featurize's SASRec, frozen likewise
     (r"^mrc\.adapters\.text\.", "text_adapter"),
     (r"^mrc\.adapters\.vision\.", "vision_adapter"),
     (r"^mrc\.adapters\.sequence\.", "sequence_adapter"),

@@ -121,7 +121,8 @@ def apply_overrides(setup: DatasetSetup, args: argparse.Namespace) -> DatasetSet
 # -- one dataset -------------------------------------------------------------------------------------
 def speeder_ranks(trained: TrainedSpeeder, samples: Samples, features: Any) -> dict[str, np.ndarray]:
     """Both protocols' ranks of a trained Speeder on `samples` (catalog tokens computed once)."""
-    return rank_targets(trained.model, samples, catalog_tokens(trained.model, features, trained.active))
+    return rank_targets(trained.model, samples, catalog_tokens(trained.model, features, trained.active),
+                        active=trained.active)
 
 
 def _effective(cfg: Any, data: BenchData) -> tuple:

@@ -114,14 +114,15 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
 
 
 def train_speeder(cfg: ModelConfig, train: Samples, valid: Samples | None, features: ItemFeatures, budget: Budget,
-                  seed: int, steps_per_stage: int | None = None, teacher: Any = None) -> TrainedSpeeder:
+                  seed: int, steps_per_stage: int | None = None, teacher: Any = None,
+                  features_dir: str | None = None) -> TrainedSpeeder:
     """Build a variant and run its MPO stages (`steps_per_stage`, default budget.steps, each); each stage
     continues from the last one's weights."""
     from speeder_platform.modeling import build_from_config
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # dropout draws from the global generator: every variant starts from the same state
-    model = build_from_config(cfg, features.dims(), seed=seed)
+    model = build_from_config(cfg, features.dims(), seed=seed, features_dir=features_dir)
     available = available_modalities(features)
     plan = plan_for(cfg, features)
     if not plan:

@@ -132,6 +132,7 @@ class ModelConfig:
     sequence_skip: bool = False  # linear path from the SASRec embedding into the item token
     distill_weight: float = 0.0  # distillation from featurize's SASRec at every history slot (0: off)
     readout_skip: bool = False  # user vectors add a linear path from the last slot's input token (around the LLM)
+    sequence_user: bool = False  # user vectors add featurize's SASRec user state (needs sequence_skip)
     gradient_checkpointing: bool = False
 
 
@@ -283,6 +284,8 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _positive("model.dense_weight", cfg.model.dense_weight, allow_zero=True)
     _positive("model.distill_weight", cfg.model.distill_weight, allow_zero=True)
     _choice("model.readout", cfg.model.readout, ("final", "last_slot", "both"))
+    if cfg.model.sequence_user and not cfg.model.sequence_skip:
+        raise ConfigError("model.sequence_user: needs model.sequence_skip=true (the user state enters through it)")
     _positive("model.lora.r", cfg.model.lora.r)
     if cfg.model.mrc.hidden_size % cfg.model.mrc.num_heads:
         raise ConfigError(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speeder.loop import Samples, catalog_tokens
+from speeder.loop import Samples, catalog_tokens, rank_targets
 from speeder.metrics import hit_rate
 from speeder.mrc import ItemFeatures, embedding_scale
 from speeder_platform import storage
@@ -92,7 +92,7 @@ def diagnose_model(model: Any, features: ItemFeatures, active: list[str], valid:
     vectors, top, mean_scores = [], [], torch.zeros(len(table), dtype=torch.float64)
     for batch in sub.batches(batch_size):
         history = batch["history"]
-        u, _, _ = model.user_vectors(history, table)
+        u, _, _ = model.user_vectors(history, table, active)
         vectors.append(u.float())
         scores = model.item_scores(u, table).float()  # (B, N)
         mean_scores += scores.double().sum(dim=0)
@@ -126,17 +126,11 @@ def diagnose_model(model: Any, features: ItemFeatures, active: list[str], valid:
         "word_embedding_rms": word_rms,
         "token_to_word_rms": token_rms / word_rms if word_rms else float("nan"),
         "ppl_rms": float(model.ppl.table.float().pow(2).mean().sqrt()) if model.ppl is not None else 0.0,
-        "valid_hr@1_sample": hit_rate(_candidate_ranks(model, sub, table), 1),
+        "valid_hr@1_sample": hit_rate(rank_targets(model, sub, table, full=False, active=active)["candidates"], 1),
         "seconds": 0.0,
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
-
-
-def _candidate_ranks(model: Any, samples: Samples, table: torch.Tensor) -> np.ndarray:
-    from speeder.loop import rank_targets
-
-    return rank_targets(model, samples, table, full=False)["candidates"]
 
 
 def diagnose_table(d: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from speeder.mrc import ItemFeatures
 from speeder_platform import storage
 from speeder_platform.config import SpeederConfig, from_dict
 from speeder_platform.modeling import build_from_config
-from speeder_platform.tables import load_item_features, load_samples
+from speeder_platform.tables import features_folder, load_item_features, load_samples
 
 log = logging.getLogger("speeder.evaluate")
 
@@ -62,12 +62,14 @@ def load_trained(checkpoint: str, dataset: str | None = None, features_name: str
         storage.download_dir(checkpoint, local)
         meta = read_meta(local)
         train_cfg = from_dict(meta["config"])
-        features = load_item_features(dataset or train_cfg.data.uri, features_name or train_cfg.featurize.name)
+        dataset, features_name = dataset or train_cfg.data.uri, features_name or train_cfg.featurize.name
+        features = load_item_features(dataset, features_name)
         dims = features.dims()
         if dims != meta["feature_dims"]:
             raise ValueError(f"features {dims} do not match the checkpoint's {meta['feature_dims']} "
                              f"({checkpoint}); featurize with the encoders it was trained with")
-        model = build_from_config(train_cfg.model, dims, seed=train_cfg.trainer.seed)
+        model = build_from_config(train_cfg.model, dims, seed=train_cfg.trainer.seed,
+                                  features_dir=features_folder(dataset, features_name))
         load_checkpoint(local, model)
     model.to(device).eval()
     return TrainedModel(model=model, features=features.to(device), active=list(meta["modalities"]), meta=meta,

@@ -44,7 +44,7 @@ from speeder_platform.featurize_ops import (
     status_counts,
 )
 from speeder_platform.featurize_seq import SequenceFeatures, sequence_features
-from speeder_platform.tables import features_uri, require_columns
+from speeder_platform.tables import features_folder, features_uri, require_columns
 
 log = logging.getLogger("speeder.featurize")
 
@@ -102,7 +102,7 @@ class FeaturizeReport:
 
 
 def features_dir(cfg: SpeederConfig) -> str:
-    return storage.join(cfg.data.uri, schema.FEATURES_DIR, cfg.featurize.name)
+    return features_folder(cfg.data.uri, cfg.featurize.name)
 
 
 def encoder_settings(cfg: SpeederConfig) -> dict[str, Any]:

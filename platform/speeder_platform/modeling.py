@@ -31,11 +31,30 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         sequence_skip=model.sequence_skip,
         distill_weight=model.distill_weight,
         readout_skip=model.readout_skip,
+        sequence_user=model.sequence_user,
     )
 
 
-def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: int = 0) -> SpeederModel:
-    """Backbone + LoRA + Speeder parts as the config says, initialised from `seed`."""
+def sequence_encoder(model: ModelConfig, features_dir: str) -> nn.Module | None:
+    """featurize's SASRec (features/<name>/sasrec) when model.sequence_user needs it, else None."""
+    if not model.sequence_user:
+        return None
+    from speeder_platform import storage
+    from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+
+    directory = sasrec_dir(features_dir)
+    if not storage.exists(storage.join(directory, SASREC_META)):
+        raise FileNotFoundError(f"model.sequence_user: no trained SASRec in {directory} (featurize trains it unless "
+                                "featurize.sasrec.epochs=0)")
+    return load_sasrec(directory)[0]
+
+
+def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: int = 0,
+                      features_dir: str | None = None) -> SpeederModel:
+    """Backbone + LoRA + Speeder parts as the config says, initialised from `seed`. features_dir
+    (features/<name>) is needed when the model reads featurize's SASRec (model.sequence_user)."""
+    if model.sequence_user and features_dir is None:
+        raise ValueError("model.sequence_user: build_from_config needs the features folder")
     speeder = build_model(
         model.backbone,
         settings_from_config(model, feature_dims),
@@ -46,6 +65,7 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
         num_layers=model.num_layers,
         dtype=model.dtype,
         seed=seed,
+        sequence_encoder=sequence_encoder(model, features_dir) if features_dir else None,
     )
     if model.gradient_checkpointing:
         speeder.backbone.gradient_checkpointing_enable()

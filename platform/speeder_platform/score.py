@@ -128,7 +128,7 @@ class Scorer:
             device = self.items.device
             hist = torch.from_numpy(pad_histories([histories[i] for i in ok], self.max_history)).to(device)
             with torch.no_grad():
-                u, _, _ = self.model.user_vectors(hist, self.items)  # (B, D)
+                u, _, _ = self.model.user_vectors(hist, self.items, self.trained.active)  # (B, D)
                 s = self.model.item_scores(u, self.items).float()  # (B, N)
                 rows = np.repeat(np.arange(len(ok)), [len(histories[i]) for i in ok])
                 cols = np.concatenate([np.asarray(histories[i], np.int64) for i in ok])

@@ -27,8 +27,13 @@ def split_uri(dataset: str, split: str) -> str:
     return storage.join(dataset, schema.SPLITS_DIR, f"{split}.parquet")
 
 
+def features_folder(dataset: str, name: str) -> str:
+    """features/<name> of a dataset: the features table, its meta.json and featurize's SASRec."""
+    return storage.join(dataset, schema.FEATURES_DIR, name)
+
+
 def features_uri(dataset: str, name: str) -> str:
-    return storage.join(dataset, schema.FEATURES_DIR, name, schema.ITEMS_FILE)
+    return storage.join(features_folder(dataset, name), schema.ITEMS_FILE)
 
 
 def require_columns(table: pa.Table, columns: list[str], what: str) -> None:

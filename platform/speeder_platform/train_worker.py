@@ -27,7 +27,7 @@ from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
 from speeder_platform.modeling import build_from_config, stage_groups
-from speeder_platform.tables import available_modalities, load_item_features, load_samples
+from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
 
 log = logging.getLogger("speeder.train")
 
@@ -67,7 +67,7 @@ def validate(module: torch.nn.Module, valid: Samples, features, active: list[str
 
     shard = valid.subset(np.arange(rank, len(valid), world))
     table = catalog_tokens(module, features, active)
-    ranks = rank_targets(module, shard, table, batch_size=batch_size, full=True)
+    ranks = rank_targets(module, shard, table, batch_size=batch_size, full=True, active=active)
     n = len(shard)
     sums = torch.tensor([n, hit_rate(ranks["candidates"], 1) * n, hit_rate(ranks["full"], 10) * n,
                          ndcg(ranks["full"], 10) * n], dtype=torch.float64)
@@ -167,7 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     available = available_modalities(features)
     active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
     valid = load_samples(cfg.data.uri, "valid", cfg.model.max_history)
-    model = build_from_config(cfg.model, features.dims(), seed=t.seed).to(device)
+    model = build_from_config(cfg.model, features.dims(), seed=t.seed,
+                              features_dir=features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
     groups = stage_groups(model, stage, t)
 
     # Loop state, saved in every checkpoint; "resumes" counts restarts from this stage's own checkpoints.

@@ -198,5 +198,120 @@ def test_gate_lr_scale_speeds_up_only_the_vision_gate(tiny_model) -> None:
     lrs = {g["name"]: g["lr"] for g in apply_stage(tiny_model, STAGES[2], lr=1e-3, lora_lr=3e-4, gate_lr_scale=30)}
     assert lrs["vision_adapter"] == pytest.approx(1e-3) and lrs["vision_gate"] == pytest.approx(3e-2)
     assert lrs["text_adapter"] == pytest.approx(1e-4)  # earlier stages' groups at text_lr_scale 0.1
-    lrs = {g["name"]: g["lr"] for g in apply_stage(tiny_model, STAGES[2], lr=1e-3, lora_lr=3e-4)}  # trainer default
+    lrs = {g["name"]: g["lr"] for g in apply_stage(tiny_model, STAGES[2], lr=1e-3, lora_lr=3e-4)}
     assert lrs["vision_gate"] == pytest.approx(1e-3)
+
+
+# -- the accuracy levers (each switchable in SpeederSettings) -----------------------------------------
+def test_vision_gate_at_zero_gives_exactly_the_token_without_vision(tiny_model, features) -> None:
+    tiny_model.eval()
+    with torch.no_grad():
+        without = tiny_model.item_tokens(features, ["text", "sequence"])
+        assert torch.equal(tiny_model.item_tokens(features, ALL), without)  # g_v = 0: vision adds nothing
+        tiny_model.mrc.vision_gate.fill_(0.3)
+        gated = tiny_model.item_tokens(features, ALL)
+    has_image = features.image_mask
+    assert not torch.allclose(gated[has_image], without[has_image])  # ...and something once the gate opens
+    assert torch.equal(gated[~has_image], without[~has_image])  # items without an image never change
+
+
+def test_vision_gate_learns_from_zero(tiny_model, features) -> None:
+    tokens = tiny_model.item_tokens(features, ALL)
+    tokens.pow(2).sum().backward()
+    assert tiny_model.mrc.vision_gate.grad is not None and float(tiny_model.mrc.vision_gate.grad.abs()) > 0
+
+
+def test_token_scale_is_a_positive_log_parameter(tiny_model) -> None:
+    mrc = tiny_model.mrc
+    with torch.no_grad():
+        mrc.log_gain.fill_(-50.0)  # however far a step pushes it, the scale stays positive
+    assert float(mrc.output_scale.detach()) > 0
+    assert "output_scale" not in dict(mrc.named_parameters())
+
+
+def test_dense_loss_supervises_every_history_slot(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, dense_weight=1.0, ppt_lambda=0.0), lora_dropout=0.0)
+    history, target = torch.tensor([[-1, -1, 3, 4, 5], [0, 1, 2, 6, 8]]), torch.tensor([7, 9])
+    table = model.item_tokens(features, ALL)
+    hidden, batch = model.encode(history, table)
+    hidden.retain_grad()
+    logits, labels, real = model._slot_logits(hidden, batch, history, target, table, None)
+    assert labels.tolist() == [4, 5, 7, 1, 2, 6, 8, 9]  # each slot's next item; the last slot's is the target
+    assert logits.shape == (8, features.num_items) and real.sum() == 8
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    slot_grads = hidden.grad.norm(dim=-1)[batch.slot_items >= 0]  # (8,) one per real slot
+    assert bool((slot_grads > 0).all())
+    out = model(history, target, None, features, ALL)
+    assert float(out["dense_loss"]) > 0 and torch.isclose(out["loss"], out["rec_loss"] + out["dense_loss"])
+
+
+def test_readout_skip_starts_as_the_last_items_token(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, readout="both", readout_skip=True, dense_weight=1.0))
+    model.eval()
+    history = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6]])
+    with torch.no_grad():
+        table = model.item_tokens(features, ALL)
+        u, _, _ = model.user_vectors(history, table, ALL)
+        expected = torch.nn.functional.normalize(table[history[:, -1]], dim=-1)  # PPL starts at zero
+    torch.testing.assert_close(u, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_item_prior_starts_at_zero_and_shifts_items(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, item_prior=True))
+    model.eval()
+    history = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        table = model.item_tokens(features, ALL)
+        before = model.score_catalog(history, table)
+        model.head.prior.weight.normal_()
+        after = model.score_catalog(history, table)
+    shift = after - before  # the prior is 0 at init, so this is the prior term alone
+    assert not torch.allclose(shift, shift[:, :1].expand_as(shift))  # a different term per item
+
+
+def test_sequence_skip_preserves_sasrec_similarity(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, sequence_skip=True))
+    s = features.sequence
+    unit = s / s.pow(2).mean(dim=1, keepdim=True).sqrt()
+    mapped = model.mrc.sequence_skip(unit)  # (N, D)
+    ratio = (mapped @ mapped.T) / (unit @ unit.T)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0, 0])), rtol=1e-3, atol=1e-3)
+
+
+def test_sequence_user_path_follows_the_sequence_modality(features) -> None:
+    from speeder.sasrec import SASRec
+
+    torch.manual_seed(0)
+    sasrec = SASRec(features.num_items, hidden_size=features.sequence.shape[1], num_heads=2, max_length=6).eval()
+    settings = tiny_settings(features, sequence_skip=True, sequence_user=True, readout_skip=True, readout="both")
+    model = build_model("tiny-llama", settings, sequence_encoder=sasrec)
+    assert not any(n.startswith("sequence_encoder.") for n in model.trainable_state())
+    history = torch.tensor([[-1, 3, 4, 5]])
+    assert model.sequence_states(history, ["text"]) is None  # stage 1: no sequence, no SASRec user state
+    states = model.sequence_states(history, ALL)
+    assert states.shape == (1, 4, model.head.proj.weight.shape[0])
+    with torch.no_grad():
+        table = model.item_tokens(features, ALL)
+        with_seq, _, _ = model.user_vectors(history, table, ALL)
+        without, _, _ = model.user_vectors(history, table, ["text", "vision"])
+    assert not torch.allclose(with_seq, without)
+    with pytest.raises(ValueError, match="sequence_skip"):
+        tiny_settings(features, sequence_user=True)
+
+
+def test_distillation_pulls_towards_the_teacher(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, dense_weight=0.0, distill_weight=1.0, ppt_lambda=0.0))
+    history, target = torch.tensor([[-1, 3, 4, 5]]), torch.tensor([7])
+    uniform = torch.zeros(1, 4, features.num_items)
+    peaked = uniform.clone()
+    peaked[..., 11] = 30.0
+    flat = model(history, target, None, features, ALL, teacher_logits=uniform)["distill_loss"]
+    sharp = model(history, target, None, features, ALL, teacher_logits=peaked)["distill_loss"]
+    assert float(sharp) > float(flat) >= 0.0  # KL(teacher || model): a peaked teacher the model ignores costs more
+    with pytest.raises(ValueError, match="catalog softmax"):
+        model(history, target, torch.tensor([[7, 1, 2]]), features, ALL, teacher_logits=uniform)  # 7 is there
+
+
+def test_candidate_loss_refuses_a_target_outside_the_candidates(tiny_model, features) -> None:
+    with pytest.raises(ValueError, match="target 7 of sample 0 is not among its candidates"):
+        tiny_model(torch.tensor([[1, 2, 3]]), torch.tensor([7]), torch.tensor([[1, 2, 3]]), features, ALL)
