@@ -7,9 +7,10 @@ validation, the middlewares here, Serve's proxy through serve_proxy), has one bo
     {"detail": "history[2]: unknown item id 999 (the catalog has ids 0..79)", "field": "history[2]"}
 
 `field` names the input at fault (`body`, `k`, `history[2]`, `id`, `limit`, `authorization`), or
-`service` when the server is (5xx), or is null (no such route or method). Request bodies are parsed here rather than by FastAPI: any content
-type is accepted (`curl -d` sends form-urlencoded), NaN and nesting deeper than 200 are a 400, and an
-empty body is a 400 too; their schema still goes into the document through `request_body`.
+`service` when the server is (5xx), or is null (no such route or method). Request bodies are parsed
+here rather than by FastAPI: any content type is accepted (`curl -d` sends form-urlencoded), NaN and
+nesting deeper than 200 are a 400, and an empty body is a 400 too; their schema still goes into the
+document through `request_body`.
 """
 
 from __future__ import annotations
