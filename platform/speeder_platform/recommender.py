@@ -136,7 +136,8 @@ class Recommender:
         self.images: list[str | None] = [resolve_image_uri(dataset, u) for u in image_col]
         self.by_source = {s: i for i, s in enumerate(self.source_ids)}
         self._lower_titles = [t.lower() for t in self.titles]
-        self.table = catalog_tokens(self.model, trained.features, trained.active).float()  # (N, D), once
+        self.active = list(trained.active)  # the modalities of the checkpoint's stage
+        self.table = catalog_tokens(self.model, trained.features, self.active).float()  # (N, D), once
         self.model_max_history = int(self.model.settings.max_history)
         self._lock = threading.Lock()  # one forward at a time: the demo calls from several threads
         self._test_users: dict[int, tuple[list[int], int]] | None = None
@@ -278,7 +279,7 @@ class Recommender:
         device = self.table.device
         hist = torch.from_numpy(pad_histories([list(q.history) for q in queries], self.model_max_history))
         with self._lock:
-            u, _, _ = self.model.user_vectors(hist.to(device), self.table)  # (B, D)
+            u, _, _ = self.model.user_vectors(hist.to(device), self.table, self.active)  # (B, D)
             scores = self.model.item_scores(u, self.table).float().cpu()  # (B, N)
             self.stats["forwards"] += 1
             self.stats["requests"] += len(queries)
