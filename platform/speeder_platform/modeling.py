@@ -35,17 +35,16 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
     )
 
 
-def sequence_encoder(model: ModelConfig, features_dir: str) -> nn.Module | None:
-    """featurize's SASRec (features/<name>/sasrec) when model.sequence_user needs it, else None."""
-    if not model.sequence_user:
-        return None
+def sequence_encoder_from(features_dir: str) -> nn.Module:
+    """featurize's SASRec (features/<name>/sasrec), in eval mode: the sequence encoder whose item
+    embeddings are the sequence features (model.sequence_user reads it, distillation learns from it)."""
     from speeder_platform import storage
     from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
 
     directory = sasrec_dir(features_dir)
     if not storage.exists(storage.join(directory, SASREC_META)):
-        raise FileNotFoundError(f"model.sequence_user: no trained SASRec in {directory} (featurize trains it unless "
-                                "featurize.sasrec.epochs=0)")
+        raise FileNotFoundError(f"no trained SASRec in {directory} (model.sequence_user and model.distill_weight "
+                                "need it; featurize trains it unless featurize.sasrec.epochs=0)")
     return load_sasrec(directory)[0]
 
 
@@ -65,7 +64,7 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
         num_layers=model.num_layers,
         dtype=model.dtype,
         seed=seed,
-        sequence_encoder=sequence_encoder(model, features_dir) if features_dir else None,
+        sequence_encoder=sequence_encoder_from(features_dir) if model.sequence_user else None,
     )
     if model.gradient_checkpointing:
         speeder.backbone.gradient_checkpointing_enable()

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from speeder.checkpoint import load_checkpoint, save_checkpoint
-from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, train_step
+from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, teacher_scores, train_step
 from speeder.metrics import hit_rate, ndcg
 from speeder.mpo import ALL_AT_ONCE, STAGES, Stage
 from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
-from speeder_platform.modeling import build_from_config, stage_groups
+from speeder_platform.modeling import build_from_config, sequence_encoder_from, stage_groups
 from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
 
 log = logging.getLogger("speeder.train")
@@ -115,17 +115,19 @@ class _Engine:
                 model, move_to_device=device, parallel_strategy="ddp" if _world() > 1 else None,
                 parallel_strategy_kwargs={"find_unused_parameters": True} if _world() > 1 else None)
 
-    def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str) -> dict[str, float]:
+    def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str,
+             teacher: torch.nn.Module | None = None) -> dict[str, float]:
         if self.strategy != "deepspeed":
             return train_step(self.engine, self.optimizer, batch, features, active, step=step, seed=seed,
-                              loss_pool=loss_pool, max_grad_norm=5.0, cache=self.cache)
+                              loss_pool=loss_pool, max_grad_norm=5.0, cache=self.cache, teacher=teacher)
         cached = self.cache.get(self.module, features, active, step) if loss_pool == "catalog" else None
         self.engine.train()
         device = features.text.device
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        out = self.engine(batch["history"].to(device), batch["target"].to(device),
+        history = batch["history"].to(device)
+        out = self.engine(history, batch["target"].to(device),
                           None if loss_pool == "catalog" else batch["candidates"].to(device),
-                          features, list(active), generator, cached)
+                          features, list(active), generator, cached, teacher_scores(teacher, history))
         self.engine.backward(out["loss"])
         self.engine.step()
         return {k: float(v.detach()) for k, v in out.items()}
@@ -170,6 +172,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_from_config(cfg.model, features.dims(), seed=t.seed,
                               features_dir=features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
     groups = stage_groups(model, stage, t)
+    # model.distill_weight: featurize's SASRec is the teacher (only where the stage feeds sequences).
+    teacher = None
+    if cfg.model.distill_weight and "sequence" in active:
+        teacher = sequence_encoder_from(features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
 
     # Loop state, saved in every checkpoint; "resumes" counts restarts from this stage's own checkpoints.
     # loss_curve: the mean training loss of every log_every steps, [{"step", "loss"}], for the report.
@@ -230,7 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if i < state["step_in_epoch"]:
                 continue  # resumed mid-epoch: these batches were already trained on
             out = engine.step(_batch_tensors(raw, cfg.model.max_history), features, active, step=state["step"],
-                              seed=t.seed, loss_pool=t.loss_pool)
+                              seed=t.seed, loss_pool=t.loss_pool, teacher=teacher)
             state["step"] += 1
             state["step_in_epoch"] = i + 1
             seen += t.batch_size * world
