@@ -5,8 +5,10 @@ credential chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance roles, AWS_REGION) 
 AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores such as MinIO or Ceph.
 
 Writes never expose half a file: bytes go to a temporary name beside the target and are then
-committed (a rename on local disks; on S3 a PUT is atomic, so the object appears whole). Folders
-that must appear all at once (a scoring partition) go through `commit_dir`.
+committed (a rename on local disks, after an fsync, so a power cut cannot leave an empty file under the
+final name; on S3 a PUT is atomic, so the object appears whole). Folders that must appear all at once
+(a scoring partition) go through `commit_dir`, which also keeps two concurrent commits of the same
+folder (a retried nightly job) from corrupting it: the later one wins whole.
 
 Every operation on s3:// is retried with backoff (`with_retries`, on top of the S3 client's own
 retries): an endpoint that restarts for a few seconds costs a delay, not a failed job.
@@ -14,6 +16,7 @@ retries): an endpoint that restarts for a few seconds costs a delay, not a faile
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MANIFEST = "_manifest.json"  # lists the files of a committed folder on object stores
+# A run-* folder no manifest names is swept after this long: a commit copies its files in minutes, so an
+# older one is an attempt that crashed before its commit point, never one still copying beside ours.
+STALE_RUN_S = 24 * 3600
 
 
 class StorageError(OSError):
@@ -186,12 +192,36 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.create_dir(parent, recursive=True)
     tmp = _tmp_name(path)
     try:
-        with fs.open_output_stream(tmp) as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        _fsync_dir(parent)  # and the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a local folder: makes the creations and renames inside it durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file and folder under a local folder (files other processes wrote, e.g. Ray Data's)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
 
 
 def read_json(uri: str) -> Any:
@@ -283,38 +313,78 @@ def staging_dir(final_uri: str) -> Iterator[str]:
 def commit_dir(staging_uri: str, final_uri: str) -> None:
     """Make the files of `staging_uri` the contents of `final_uri`, replacing what was there.
 
-    Local disks: two renames (old folder aside, staging in place), so readers see the old folder or
-    the new one, never a mix. Object stores cannot rename folders: the files are copied under a fresh
-    run prefix, then a manifest naming exactly those files is written in one PUT (the commit point),
-    then the previous run's files are deleted. Readers go through `committed_files`.
+    Local disks: the staged files are fsynced, then two renames (old folder aside, staging in place)
+    under an exclusive lock on the parent folder, so readers see the old folder or the new one, never a
+    mix, and two commits of the same folder at once (a retried nightly job) run one after the other:
+    the later one wins whole, neither fails on the other's half-done renames.
+
+    Object stores cannot rename folders: the files are copied under a fresh run prefix, then a manifest
+    naming exactly those files is written in one PUT (the commit point). After it, only the files the
+    replaced manifest named are deleted, never another run's: a concurrent commit of the same partition
+    may still be copying its own, and deleting them would leave its manifest naming missing files. The
+    last manifest written wins, and its files are never deleted by the other commit (it read the manifest
+    it replaces before its own PUT, so that manifest is older than the winner's). Runs that never
+    committed (a crash mid-copy) are swept once older than STALE_RUN_S. Readers go through
+    `committed_files`.
     """
     if not is_s3(final_uri):
-        final = os.path.abspath(final_uri)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        trash = None
-        if os.path.exists(final):
-            trash = f"{os.path.dirname(final)}/.{os.path.basename(final)}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(final, trash)
-        os.replace(os.path.abspath(staging_uri), final)
-        if trash:
-            remove(trash)
+        _commit_local(os.path.abspath(staging_uri), os.path.abspath(final_uri))
         return
     fs, staging = resolve(staging_uri)
     _, final = resolve(final_uri)
-    run = uuid.uuid4().hex[:12]
+    run = f"run-{int(time.time())}-{uuid.uuid4().hex[:12]}"  # its start time: see STALE_RUN_S
     listed = _call(staging_uri, lambda: fs.get_file_info(pafs.FileSelector(staging, recursive=True)), "list")
     infos = [i for i in listed if i.is_file]
     names = []
     for info in sorted(infos, key=lambda i: i.path):
         rel = posixpath.relpath(info.path, staging)
-        name = f"run-{run}/{rel}"
+        name = f"{run}/{rel}"
         with_retries(lambda: fs.copy_file(info.path, posixpath.join(final, name)), f"copy {rel}")  # noqa: B023
         names.append(name)
-    write_json(join(final_uri, MANIFEST), {"files": names, "committed_at": time.time()})
-    # After the commit point: drop earlier runs' files, and any left by an attempt that never committed.
+    replaced = _manifest_runs(final_uri)  # read before our PUT: see the docstring
+    write_json(join(final_uri, MANIFEST), {"files": names, "run": run, "committed_at": time.time()})
     for child in listdir(final_uri):
-        if child.startswith("run-") and child != f"run-{run}":
+        stale = child.startswith("run-") and child != run and _run_age_s(child) > STALE_RUN_S
+        if child in replaced or stale:
             with_retries(lambda: remove(join(final_uri, child)), f"delete old {child}")  # noqa: B023
+
+
+def _manifest_runs(final_uri: str) -> set[str]:
+    """The run folders the committed manifest of `final_uri` names (empty when there is none)."""
+    try:
+        files = read_json(join(final_uri, MANIFEST))["files"]
+    except FileNotFoundError:
+        return set()
+    return {name.split("/", 1)[0] for name in files}
+
+
+def _run_age_s(run: str) -> float:
+    """Seconds since a run-<unix time>-<id> folder's commit started (infinite for a name without one)."""
+    try:
+        return time.time() - int(run.split("-")[1])
+    except (IndexError, ValueError):
+        return float("inf")
+
+
+def _commit_local(staging: str, final: str) -> None:
+    """commit_dir on a local disk (see there)."""
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    _fsync_tree(staging)  # every staged byte on disk before the partition's name points at it
+    trash = f"{parent}/.{os.path.basename(final)}.old-{uuid.uuid4().hex[:12]}"
+    lock = os.open(parent, os.O_RDONLY)  # flock on the folder itself: no lock file beside the outputs
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            os.replace(final, trash)
+        except FileNotFoundError:
+            trash = ""  # a first commit
+        os.replace(staging, final)
+        _fsync_dir(parent)
+    finally:
+        os.close(lock)  # releases the flock
+    if trash:
+        remove(trash)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
