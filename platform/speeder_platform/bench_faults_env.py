@@ -85,7 +85,8 @@ class S3Server:
 
     @contextmanager
     def environment(self) -> Iterator[None]:
-        """AWS_* variables pointing at this server (Ray workers get them through worker_env), restored after."""
+        """AWS_* variables pointing at this server, restored after. (Workers of a Ray started earlier get the
+        endpoint through worker_env but never the keys: moto accepts their unsigned requests.)"""
         saved = {k: os.environ.get(k) for k in S3_ENV}
         os.environ.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="testing",
                           AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")

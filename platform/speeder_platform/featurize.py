@@ -163,7 +163,7 @@ def _encode(cfg: SpeederConfig, items_uri: str, columns: list[str], known: np.nd
 
     fz = cfg.featurize
     gpus = _num_gpus(cfg)
-    # Workers get the driver's storage environment (endpoint, credentials) even if Ray started earlier.
+    # Workers get the driver's storage settings (endpoint, region) even if Ray started earlier; never credentials.
     common = {"batch_format": "pyarrow", "batch_size": fz.batch_size, "runtime_env": {"env_vars": worker_env()}}
     pool = {**common, "num_cpus": fz.actor_num_cpus, "num_gpus": gpus}
     fs, path = storage.resolve(items_uri)

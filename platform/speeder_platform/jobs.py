@@ -13,12 +13,22 @@ supervisor) `speeder job` joins that cluster instead of starting a local Ray.
 Re-running a spec continues it: prepare and featurize are skipped when their outputs exist with the
 same settings, training skips finished stages and resumes the unfinished one from its checkpoint;
 evaluate and score always run (they are idempotent).
+
+A submission carries a deterministic `submission_id` (from the spec, its overrides and the date), and the
+date goes into the job as `score.date`: a retried submission (a nightly scheduler that lost the answer)
+finds its job already on the cluster, reports it and follows it instead of running it twice.
+Secret-like env_vars (`redact.is_secret_name`) are refused in a submitted runtime_env, which the
+dashboard shows; nodes get credentials from an instance profile or IRSA.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -28,7 +38,8 @@ from typing import Any
 import yaml
 
 from speeder_platform import storage
-from speeder_platform.config import SpeederConfig, load_config, to_dict
+from speeder_platform.config import ConfigError, SpeederConfig, load_config, to_dict
+from speeder_platform.redact import redact, secret_env_vars
 
 log = logging.getLogger("speeder.job")
 
@@ -96,7 +107,7 @@ def run_steps(cfg: SpeederConfig) -> dict[str, Any]:
         summary["steps"][step] = {"seconds": round(time.perf_counter() - s0, 1), "result": result}
         log.info("== step %s done in %.1fs", step, time.perf_counter() - s0)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    storage.write_json(storage.join(cfg.output_root, "job_summary.json"), summary)
+    storage.write_json(storage.join(cfg.output_root, "job_summary.json"), redact(summary))
     return summary
 
 
@@ -135,23 +146,64 @@ def load_runtime_env(spec_path: str, explicit: str | None, cfg: SpeederConfig) -
     elif explicit:
         raise FileNotFoundError(f"runtime env file not found: {explicit}")
     env.update(cfg.runtime_env)
+    secrets = secret_env_vars(env.get("env_vars") or {})
+    if secrets:
+        raise ConfigError(f"runtime_env.env_vars: {', '.join(secrets)} look like secrets; a runtime_env is shown on "
+                          "the dashboard and kept with every task: give the nodes an instance profile / IRSA role "
+                          "(or a mounted secret) instead")
     return env
+
+
+def job_date(cfg: SpeederConfig) -> str:
+    """The date a job runs for: score.date, else today (UTC) at submission."""
+    return cfg.score.date or datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
+def submission_id(spec_path: str, overrides: list[str], date: str) -> str:
+    """The Ray submission id of a spec with these overrides for one date: the same on every retry.
+
+    speeder-<spec name>-<date>-<12 hex of sha256(spec text, overrides)>; a changed spec or override is
+    another job. (Ray's job server refuses a second job with an id it has seen.)
+    """
+    spec = Path(spec_path)
+    digest = hashlib.sha256(json.dumps([spec.read_text(), list(overrides)]).encode()).hexdigest()[:12]
+    name = re.sub(r"[^a-z0-9]+", "-", spec.stem.lower()).strip("-") or "spec"
+    return f"speeder-{name}-{date}-{digest}"
 
 
 def submit(spec_path: str, overrides: list[str], address: str, runtime_env_file: str | None = None,
            wait: bool = True) -> int:
-    """Submit `speeder job SPEC overrides` to a cluster's job server and stream its logs; exit code."""
+    """Submit `speeder job SPEC overrides` to a cluster's job server and stream its logs; exit code.
+
+    A job with the same submission id already on the cluster is not submitted again: a running one is
+    followed, a finished one's outcome is the exit code.
+    """
     import asyncio
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cfg = load_config(spec_path, overrides)  # fail fast on a bad spec, before anything is uploaded
     runtime_env = load_runtime_env(spec_path, runtime_env_file, cfg)
+    date = job_date(cfg)
+    job_id = submission_id(spec_path, overrides, date)
+    # The date goes in explicitly: a job that starts after midnight (queued, retried) scores the day it is for.
+    args = overrides if cfg.score.date else [*overrides, f"score.date={date}"]
     rel = os.path.relpath(spec_path, runtime_env.get("working_dir", "."))
-    entrypoint = shlex.join(["speeder", "job", rel, *overrides])
+    entrypoint = shlex.join(["speeder", "job", rel, *args])
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    log.info("submitted %s as %s to %s", entrypoint, job_id, address)
+    try:
+        client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+        log.info("submitted %s as %s to %s", entrypoint, job_id, address)
+    except RuntimeError as err:
+        if "already exists" not in str(err):  # Ray: "Job with submission_id ... already exists"
+            raise
+        status = client.get_job_status(job_id)
+        log.warning("job %s (%s for %s) was already submitted to %s (%s): not submitting it again", job_id,
+                    spec_path, date, address, status)
+        if status.is_terminal():  # nothing to follow: its outcome is the answer
+            if status != JobStatus.SUCCEEDED:
+                log.error("to run job %s again: ray job delete %s, then submit again", job_id, job_id)
+            return 0 if status == JobStatus.SUCCEEDED else 1
     if not wait:
         sys.stdout.write(job_id + "\n")
         return 0

@@ -12,6 +12,7 @@ import os
 import sys
 
 from speeder_platform.config import SpeederConfig
+from speeder_platform.redact import is_secret_name
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +26,19 @@ WORKER_ENV = {
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # our own progress lines; bars flood non-terminal logs
 }
-# Forwarded to workers when set on the driver (storage endpoint, credentials, caches).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "SPEEDER_CACHE",
-                 "OMP_NUM_THREADS", "DS_ACCELERATOR", "HF_HOME", "HF_HUB_OFFLINE")
+# Forwarded to workers when set on the driver (storage endpoint, region, caches). Never credentials: a
+# runtime_env is shown on the dashboard and kept with every task. Cluster nodes get theirs from an
+# instance profile / IRSA; an embedded local Ray's workers inherit the driver's environment at ray.init.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "SPEEDER_CACHE", "OMP_NUM_THREADS", "DS_ACCELERATOR", "HF_HOME", "HF_HUB_OFFLINE")
 # Set by Ray's job supervisor for a job's entrypoint: the job's own runtime_env (JSON).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict[str, str]:
+    """The env_vars of every runtime_env Speeder builds: WORKER_ENV + the FORWARDED_ENV the driver has."""
     env = dict(WORKER_ENV)
-    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and not is_secret_name(k)})
     return env
 
 

@@ -232,7 +232,7 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
     date = sc.date or datetime.datetime.now(datetime.UTC).date().isoformat()
     final = partition_uri(sc.out, date)
     ensure_ray(cfg)
-    # Workers get the driver's storage environment (endpoint, credentials) even if Ray started earlier.
+    # Workers get the driver's storage settings (endpoint, region) even if Ray started earlier; never credentials.
     env = {"env_vars": worker_env()}
     histories = _histories(cfg, env)
     gpus = sc.actor_num_gpus if sc.actor_num_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)

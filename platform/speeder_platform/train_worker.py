@@ -27,6 +27,7 @@ from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
 from speeder_platform.modeling import build_from_config, sequence_encoder_from, stage_groups
+from speeder_platform.redact import redact
 from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
 
 log = logging.getLogger("speeder.train")
@@ -213,9 +214,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * t.epochs
     shard = ray.train.get_dataset_shard("train")
-    meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active, "config": to_dict(cfg),
-                 "feature_dims": features.dims(), "backbone": cfg.model.backbone, "strategy": strategy,
-                 "worker_nodes": nodes}
+    # The config without secrets: its runtime_env.env_vars are where users put environment variables.
+    meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active,
+                 "config": redact(to_dict(cfg)), "feature_dims": features.dims(), "backbone": cfg.model.backbone,
+                 "strategy": strategy, "worker_nodes": nodes}
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),
