@@ -144,7 +144,7 @@ class TrainerConfig:
     # each worker runs ceil(cpus_per_worker) torch threads
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
     strategy: str = "auto"  # auto (DeepSpeed on GPUs, DDP on CPU) | ddp | deepspeed
-    zero_stage: int = 2
+    zero_stage: int = 2  # 1 or 2; 3 is refused at load (it would need gathered parameters to save)
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     epochs: int = 1  # per stage
     max_steps_per_epoch: int | None = None
@@ -294,7 +294,11 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
         )
     t = cfg.trainer
     _choice("trainer.strategy", t.strategy, ("auto", "ddp", "deepspeed"))
-    _choice("trainer.zero_stage", t.zero_stage, (1, 2, 3))
+    if t.zero_stage == 3:  # refused rather than saving empty shards: see the message
+        raise ConfigError("trainer.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters themselves, and "
+                          "checkpoints and validation read whole parameters on rank 0; use 2 (optimizer states and "
+                          "gradients partitioned; the trainable part, LoRA and MRC, is small)")
+    _choice("trainer.zero_stage", t.zero_stage, (1, 2))
     _choice("trainer.loss_pool", t.loss_pool, ("catalog", "candidates"))
     _choice("trainer.placement_strategy", t.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     if not t.stages:
