@@ -23,6 +23,7 @@ from speeder.model import SpeederModel
 from speeder.mrc import ItemFeatures
 from speeder_platform import storage
 from speeder_platform.config import SpeederConfig, from_dict
+from speeder_platform.lineage import check_checkpoint, committed_features
 from speeder_platform.modeling import build_from_config
 from speeder_platform.tables import features_folder, load_item_features, load_samples
 
@@ -63,6 +64,8 @@ def load_trained(checkpoint: str, dataset: str | None = None, features_name: str
         meta = read_meta(local)
         train_cfg = from_dict(meta["config"])
         dataset, features_name = dataset or train_cfg.data.uri, features_name or train_cfg.featurize.name
+        # Features it was not trained on (or not whole) are refused: with equal dims they would load and rank.
+        check_checkpoint(meta, committed_features(dataset, features_name), checkpoint)
         features = load_item_features(dataset, features_name)
         dims = features.dims()
         if dims != meta["feature_dims"]:

@@ -13,7 +13,9 @@ the cluster has GPUs (or `featurize.actor_num_gpus`).
 
 Writes `<data>/features/<name>/items.parquet` (item_id 0..N-1, text_emb, image_emb, seq_emb as
 list<float32>, nullable) in one atomic write, then `meta.json` (encoders, dims, counts per image
-status, settings). A full run whose settings and dataset files match the last full run's is skipped.
+status, settings, the set's fingerprint and the table's SHA-256): the set commits as one unit
+(lineage.commit), and checkpoints record its fingerprint. A full run whose settings and dataset files
+match the last full run's, and whose table is still the one committed, is skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from speeder import schema
-from speeder_platform import storage
+from speeder_platform import lineage, storage
 from speeder_platform.config import SpeederConfig, to_dict
 from speeder_platform.featurize_ops import (
     EMB_TYPE,
@@ -256,6 +258,7 @@ def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
     existing, known = None, None
     if fz.incremental and storage.exists(out_uri):
         _check_compatible(meta, cfg, out_uri)
+        lineage.committed_features(cfg.data.uri, fz.name)  # never extend a half-committed or corrupt table
         existing = storage.read_table(out_uri)
         require_columns(existing, FEATURES_SCHEMA.names, out_uri)
         existing = existing.select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
@@ -270,7 +273,7 @@ def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
             log.info("featurize --incremental: no new items in %s; features unchanged", items_uri)
             return report
     elif (not fz.incremental and not force and meta and meta.get("settings") == settings
-          and meta.get("fingerprint") == digest and storage.exists(out_uri)):
+          and meta.get("fingerprint") == digest and _committed(cfg) == lineage.fingerprint(digest, settings)):
         log.info("featurize: %s is up to date (same settings and dataset files); skipping", out_uri)
         return FeaturizeReport(fz.name, out_uri, "up_to_date", meta["counts"]["items"], dims=meta.get("dims", {}),
                                seq_items=meta["counts"].get("seq_items", 0), sasrec="unchanged",
@@ -297,12 +300,24 @@ def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
     else:
         seq = SequenceFeatures(np.zeros((len(ids), 0), np.float32), np.zeros(len(ids), bool), {"sasrec": "kept"})
     table, report = _assemble(cfg, encoded, existing, seq, len(ids), mode, out_uri)
-    storage.write_table(table, out_uri)
     report.encode_seconds, report.sequence_seconds = encode_seconds, seq.info.get("seconds", 0.0)
     report.seconds = time.perf_counter() - t0
-    storage.write_json(meta_uri, _meta(cfg, report, meta, seq, digest if mode == "full" else None))
+    # An incremental run extends the last set: checkpoints of that set (or of any it extended) still fit it.
+    base = meta.get(lineage.META_KEY) if existing is not None and meta else None
+    history = [*meta.get("lineage", []), base] if base else []
+    new_meta = {**_meta(cfg, report, meta, seq, digest if mode == "full" else None), "lineage": history}
+    lineage.commit(table, features_dir(cfg), new_meta, lineage.fingerprint(digest, settings, extends=base))
     log.info("%s", report.summary())
     return report
+
+
+def _committed(cfg: SpeederConfig) -> str | None:
+    """The fingerprint of the committed features set, None when there is none or it is not whole."""
+    try:
+        return lineage.committed_features(cfg.data.uri, cfg.featurize.name).fingerprint
+    except (FileNotFoundError, lineage.FeaturesError) as err:
+        log.info("featurize: the features table will be made again (%s)", err)
+        return None
 
 
 def _dims(table: pa.Table) -> dict[str, int]:

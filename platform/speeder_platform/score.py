@@ -17,7 +17,12 @@ counted by reason and skipped.
 Output: `<score.out>/dt=YYYY-MM-DD/*.parquet` with user_id int64, item_ids list<int64>, scores
 list<float32> (descending), model_version string, scored_at timestamp[us, UTC]. The partition is
 written to a fresh staging folder and committed in one step (storage.staging_dir): rerunning a date
-replaces it, readers never see a mix. Read it back with `read_scores(out, date)`.
+replaces it, readers never see a mix, and two runs of the same date at once (a retried nightly job)
+leave the whole partition of the one that committed last. Read it back with `read_scores(out, date)`.
+
+A checkpoint is only scored with the features it was trained on (lineage.check_checkpoint): other
+features, or a features table that is not the one its meta.json committed, are refused before any
+actor starts.
 """
 
 from __future__ import annotations
@@ -222,6 +227,7 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
 
     from speeder.checkpoint import META_FILE
     from speeder_platform.evaluate import resolve_checkpoint
+    from speeder_platform.lineage import check_checkpoint, committed_features
     from speeder_platform.ray_utils import cluster_has_gpus, ensure_ray, worker_env
 
     t0 = time.perf_counter()
@@ -229,6 +235,9 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
     checkpoint = resolve_checkpoint(cfg, sc.checkpoint)
     if not storage.exists(storage.join(checkpoint, META_FILE)):  # fail before any actor starts
         raise FileNotFoundError(f"score.checkpoint: no checkpoint at {checkpoint} (no {META_FILE})")
+    # Features it was not trained on, or not whole: refused here, before any actor starts (each would refuse).
+    check_checkpoint(storage.read_json(storage.join(checkpoint, META_FILE)),
+                     committed_features(cfg.data.uri, cfg.featurize.name), checkpoint)
     date = sc.date or datetime.datetime.now(datetime.UTC).date().isoformat()
     final = partition_uri(sc.out, date)
     ensure_ray(cfg)

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder.checkpoint import load_checkpoint, save_checkpoint
+from speeder.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, teacher_scores, train_step
 from speeder.metrics import hit_rate, ndcg
 from speeder.mpo import ALL_AT_ONCE, STAGES, Stage
 from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
+from speeder_platform.lineage import check_checkpoint, checkpoint_record, committed_features
 from speeder_platform.modeling import build_from_config, sequence_encoder_from, stage_groups
 from speeder_platform.redact import redact
 from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
@@ -166,6 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if strategy == "deepspeed" and not t.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+    # Whole features only (table = what meta.json committed); their fingerprint goes into every checkpoint.
+    features_set = committed_features(cfg.data.uri, cfg.featurize.name)
     features = load_item_features(cfg.data.uri, cfg.featurize.name).to(device)
     available = available_modalities(features)
     active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
@@ -191,6 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resume is not None:
         with resume.as_directory() as d:
             meta = load_checkpoint(d, model, optimizer_for_load)
+        check_checkpoint(meta, features_set, resume.path)  # features re-made since it was saved: refused
         state.update(meta["train_state"])
         state["resumes"] += 1
         if rank == 0:
@@ -199,6 +203,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     elif loop_config.get("init_checkpoint"):
         with tempfile.TemporaryDirectory() as d:
             storage.download_dir(loop_config["init_checkpoint"], d)
+            # The previous stage's weights only if trained on these features (re-featurized between runs: no).
+            check_checkpoint(read_meta(d), features_set, loop_config["init_checkpoint"])
             load_checkpoint(d, model)
         if rank == 0:
             log.info("stage %d starts from %s", stage.index, loop_config["init_checkpoint"])
@@ -217,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The config without secrets: its runtime_env.env_vars are where users put environment variables.
     meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active,
                  "config": redact(to_dict(cfg)), "feature_dims": features.dims(), "backbone": cfg.model.backbone,
-                 "strategy": strategy, "worker_nodes": nodes}
+                 "strategy": strategy, "worker_nodes": nodes, "features": checkpoint_record(features_set)}
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),

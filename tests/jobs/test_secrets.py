@@ -17,6 +17,7 @@ import pytest
 
 from speeder_platform.config import ConfigError, load_config, to_dict
 from speeder_platform.jobs import load_runtime_env
+from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import FORWARDED_ENV, worker_env
 from speeder_platform.redact import REDACTED, is_secret_name, redact
 
@@ -111,6 +112,9 @@ def test_no_checkpoint_log_or_report_of_a_run_holds_a_secret(tmp_path, monkeypat
     markers = [ENV_SECRET, SPEC_SECRET]
     meta = json.loads((pathlib.Path(summary["steps"]["train"]["result"]["checkpoint"]) / "meta.json").read_text())
     assert meta["config"]["runtime_env"]["env_vars"]["MY_SERVICE_TOKEN"] == REDACTED  # saved, without the value
+    # (and the features it was trained on, by fingerprint: see tests/platform/test_lineage.py)
+    fingerprint = committed_features(cfg.data.uri, "default").fingerprint
+    assert fingerprint is not None and meta["features"]["fingerprint"] == fingerprint
     assert _files_holding(out, markers) == []
     logged = "\n".join(r.getMessage() for r in caplog.records) + "".join(capfd.readouterr())
     assert [m for m in markers if m in logged] == []

@@ -52,9 +52,11 @@ def tiny_config(output_root: str, *overrides: str):
 
 
 def write_checkpoint(cfg, directory: str, stage: int = 3, seed: int = 0) -> str:
-    """A checkpoint of an untrained model built from `cfg` on the dataset's features (no Ray needed)."""
+    """A checkpoint of an untrained model built from `cfg` on the dataset's features (no Ray needed),
+    recording those features as train_worker does."""
     from speeder.checkpoint import save_checkpoint
     from speeder_platform.config import to_dict
+    from speeder_platform.lineage import checkpoint_record, committed_features
     from speeder_platform.modeling import build_from_config
     from speeder_platform.tables import available_modalities, load_item_features
 
@@ -63,5 +65,7 @@ def write_checkpoint(cfg, directory: str, stage: int = 3, seed: int = 0) -> str:
     active = [m for m in ("text", "vision", "sequence") if m in available_modalities(features)]
     save_checkpoint(directory, model, {"stage": stage, "stage_name": "test", "step": 0, "epoch": 0,
                                        "modalities": active, "config": to_dict(cfg),
-                                       "feature_dims": features.dims(), "metrics": {}})
+                                       "feature_dims": features.dims(), "metrics": {},
+                                       "features": checkpoint_record(committed_features(cfg.data.uri,
+                                                                                        cfg.featurize.name))})
     return directory
