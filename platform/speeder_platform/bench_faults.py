@@ -12,7 +12,8 @@ and whether it passed (the fault really hit and the system recovered as designed
 1 when any scenario lost data or failed. The whole run takes a few minutes on 2 CPU cores.
 
 Scenarios live in bench_faults_data / _train / _score / _serve; what they share in bench_faults_env.
-The tests in tests/fault call the same scenario functions.
+The tests in tests/fault call the same scenario functions, every one of them (tests/fault/test_bench_faults.py
+checks that none is left out).
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ SCENARIOS = {
     "train-worker-killed": "bench_faults_train:train_worker_killed",
     "train-driver-restarted": "bench_faults_train:train_driver_restarted",
     "checkpoint-not-pickle": "bench_faults_train:checkpoint_not_pickle",
+    "features-corrupt": "bench_faults_data:features_corrupt",
+    "features-checkpoint-mismatch": "bench_faults_data:features_checkpoint_mismatch",
     "score-actor-killed": "bench_faults_score:score_actor_killed",
     "score-s3-outage": "bench_faults_score:score_s3_outage",
+    "score-same-date-twice": "bench_faults_score:score_same_date_twice",
+    "disk-full-write": "bench_faults_score:disk_full_write",
     "serve-hostile-payloads": "bench_faults_serve:serve_hostile_payloads",
     "serve-replica-killed": "bench_faults_serve:serve_replica_killed",
+    "serve-request-timeout": "bench_faults_serve:serve_request_timeout",  # last: it restarts Serve
 }
 COLUMNS = ("scenario", "injected", "observed", "data lost", "passed", "seconds")
 

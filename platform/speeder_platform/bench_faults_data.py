@@ -1,7 +1,9 @@
-"""Fault scenarios for bulk data: a hostile Amazon export through `prepare`, bad images through `featurize`.
+"""Fault scenarios for bulk data: a hostile Amazon export through `prepare`, bad images through `featurize`,
+and features that no longer belong to the model: a corrupt table, a catalog featurized again after training.
 
 Each builds its input in the workspace, runs the real job, and checks that every fault was counted in
-the job's report, that the job finished, that its outputs are valid, and that no good record was lost.
+the job's report, that the job finished, that its outputs are valid, and that no good record was lost;
+the features scenarios check that scoring and serving refuse, in one line, what they must not read.
 """
 
 from __future__ import annotations
@@ -204,3 +206,101 @@ def featurize_bad_images(ws: Workspace) -> dict[str, Any]:
                    "text file, a missing file, a folder, a symlink to /etc/passwd, image_uri ../../etc/passwd, "
                    "/etc/passwd, file:///etc/passwd, an http URL, none", observed, data_lost=lost,
                    passed=statuses == expected, started=started, image_status=statuses, expected=expected)
+
+
+# -- features and the checkpoints trained on them ---------------------------------------------------
+def _refusals(ws: Workspace, cfg: Any, data: str) -> dict[str, str | None]:
+    """Each consumer of features -> its one-line refusal, or None when it went ahead."""
+    from speeder_platform.evaluate import load_trained
+    from speeder_platform.lineage import FeaturesError
+    from speeder_platform.score import run_score
+
+    found: dict[str, str | None] = {}
+    for consumer, call in {"scoring": lambda: run_score(cfg),
+                           "serving and evaluation (load_trained)": lambda: load_trained(ws.checkpoint, data)}.items():
+        try:
+            call()
+            found[consumer] = None
+        except FeaturesError as err:
+            found[consumer] = str(err)
+    return found
+
+
+def _scored_copy(ws: Workspace, name: str) -> tuple[Any, str, pa.Table]:
+    """A copy of the workspace's dataset and features, a config scoring it with the workspace's checkpoint,
+    and the partition that scoring commits while the features are still the ones trained on."""
+    import shutil
+
+    from speeder_platform.bench_faults_score import DATE
+    from speeder_platform.score import read_scores, run_score
+
+    data = ws.path(f"data-{name}")
+    shutil.copytree(ws.dataset, data, symlinks=True)
+    cfg = ws.config(f"data.uri={data}", f"score.checkpoint={ws.checkpoint}", f"score.out={ws.path(f'scores-{name}')}",
+                    f"score.date={DATE}", "score.num_actors=1")
+    run_score(cfg)
+    return cfg, data, read_scores(cfg.score.out, DATE)
+
+
+def _judged(refusals: dict[str, str | None], *fingerprints: str) -> tuple[bool, str]:
+    """(every consumer refused in one line naming the fingerprints, how they refused)."""
+    ok = all(r is not None and "\n" not in r and all(f in r for f in fingerprints) for r in refusals.values())
+    text = "; ".join(f"{c} {'REFUSED: ' + r if r else 'WENT AHEAD'}" for c, r in refusals.items())
+    return ok, text
+
+
+def features_corrupt(ws: Workspace) -> dict[str, Any]:
+    """Rot one byte in the middle of a committed features table (a disk error, a bad copy): scoring and
+    serving must refuse it, featurize must make it again rather than call it up to date, yesterday's
+    scores must stay."""
+    from speeder_platform.bench_faults_score import DATE
+    from speeder_platform.featurize import run_featurize
+    from speeder_platform.score import read_scores, run_score
+    from speeder_platform.tables import features_uri
+
+    started = time.perf_counter()
+    cfg, data, before = _scored_copy(ws, "corrupt")
+    uri = features_uri(data, cfg.featurize.name)
+    raw = bytearray(open(uri, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF  # inside the data pages: the footer stays valid, pyarrow alone would not notice
+    with open(uri, "wb") as f:
+        f.write(raw)
+    refused, how = _judged(_refusals(ws, cfg, data), "featurize --force")
+    kept = read_scores(cfg.score.out, DATE).equals(before)
+    again = run_featurize(cfg)
+    after = run_score(cfg)
+    observed = (f"{how}; yesterday's partition {'kept' if kept else 'CHANGED'}; featurize again: {again.mode} "
+                f"({again.encoded} items encoded); scoring afterwards: {after.users_scored} users")
+    return outcome("features-corrupt", "one byte flipped in the middle of a committed features table (its parquet "
+                   "footer still valid)", observed, data_lost=not kept,
+                   passed=refused and again.mode == "full" and after.users_scored > 0, started=started)
+
+
+def features_checkpoint_mismatch(ws: Workspace) -> dict[str, Any]:
+    """Featurize a refreshed catalog (same items, texts moved around: same ids, same dims) after the model
+    was trained: the model must refuse the new features, naming both fingerprints."""
+    from speeder_platform.bench_faults_score import DATE
+    from speeder_platform.featurize import run_featurize
+    from speeder_platform.lineage import committed_features
+    from speeder_platform.score import read_scores
+
+    started = time.perf_counter()
+    cfg, data, before = _scored_copy(ws, "refreshed")
+    trained_on = (storage.read_json(storage.join(ws.checkpoint, "meta.json")).get("features") or {}).get("fingerprint")
+    items_uri = storage.join(data, schema.ITEMS_FILE)
+    items = storage.read_table(items_uri)
+    for column in (schema.TITLE, schema.TEXT):  # item i now reads as item N-1-i: the ids name other items
+        index = items.column_names.index(column)
+        reversed_values = pa.array(items.column(column).to_pylist()[::-1], items.field(index).type)
+        items = items.set_column(index, items.field(index), reversed_values)
+    storage.write_table(items, items_uri)
+    report = run_featurize(cfg)
+    now = committed_features(data, cfg.featurize.name).fingerprint
+    refused, how = _judged(_refusals(ws, cfg, data), str(trained_on), str(now))
+    kept = read_scores(cfg.score.out, DATE).equals(before)
+    observed = (f"featurize ran ({report.mode}, dims {report.dims}): features {now} instead of {trained_on}; {how}; "
+                f"yesterday's partition {'kept' if kept else 'CHANGED'}")
+    return outcome("features-checkpoint-mismatch", "the catalog refreshed and featurized again after training (titles "
+                   "and texts moved between items: same ids, same dims), then scored and served with the old model",
+                   observed, data_lost=not kept, passed=refused and trained_on is not None and now != trained_on,
+                   started=started, trained_on=trained_on, features=now)

@@ -1,14 +1,16 @@
 """Fault scenarios for nightly batch scoring: a scorer actor killed mid-job, the S3 endpoint stopped and
-restarted while the partition is written.
+restarted while the partition is written, two runs of the same date at once, a full disk.
 
-Both run the real `run_score` (Ray Data + scorer actors) on a history table of many users and check
+All run the real `run_score` (Ray Data + scorer actors) on a history table of many users and check
 that every input user is scored exactly once; the S3 scenario also reads the partition continuously
 while it is replaced and checks that no reader ever sees part of one.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from speeder import schema
 from speeder_platform import storage
@@ -219,3 +222,168 @@ def score_s3_outage(ws: Workspace, users: int = 600) -> dict[str, Any]:
                    passed=len(outages.log) == 2 and waited and not leftovers and len(reader.versions) == 2,
                    started=started, reads=dict(reader.seen), outages=outages.log,
                    commit_seconds=round(outages.commit_seconds, 1))
+
+
+class MeetAtCommit:
+    """Holds each of two scoring runs at its partition commit (storage.commit_dir) until the other gets
+    there, then lets both commit at once."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=300)
+        self._commit_dir = storage.commit_dir
+
+    def _commit(self, staging_uri: str, final_uri: str) -> None:
+        self.barrier.wait()
+        self._commit_dir(staging_uri, final_uri)
+
+    def __enter__(self) -> MeetAtCommit:
+        storage.commit_dir = self._commit  # staging_dir calls it by its module-level name
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        storage.commit_dir = self._commit_dir
+
+
+def _twice_at_once(ws: Workspace, out: str, users: int) -> dict[str, Any]:
+    """Score the same date twice at once into `out` (the retry with k=4 to tell the runs apart); what the
+    partition holds afterwards."""
+    histories = write_histories(ws, users, "histories-same-date")
+    runs = {"first": 5, "retry": 4}  # run -> score.k: the length of its rows' top-K lists
+    errors: dict[str, str] = {}
+
+    def run(name: str) -> None:
+        cfg = ws.config(f"score.input={histories}", f"score.out={out}", f"score.date={DATE}",
+                        f"score.checkpoint={ws.checkpoint}", "score.num_actors=1", f"score.k={runs[name]}")
+        try:
+            run_score(cfg)
+        except Exception as err:  # noqa: BLE001 - a failed run is what the scenario reports
+            errors[name] = f"{type(err).__name__}: {err}"
+
+    with MeetAtCommit():
+        threads = [threading.Thread(target=run, args=(name,), name=name) for name in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+    try:
+        table = read_scores(out, DATE)
+    except (OSError, pa.ArrowException) as err:  # a partition naming files another commit deleted
+        return {"errors": errors, "readable": f"{type(err).__name__}: {err}"}
+    once, rows, _ = _exactly_once(table, users)
+    lengths = set(pc.list_value_length(table.column("item_ids")).to_pylist())
+    # Which commit came last is not observable from outside commit_dir (its commit point is a rename or a
+    # manifest PUT in the middle); tests/platform/test_storage.py orders commits and checks the later wins.
+    return {"errors": errors, "readable": "yes", "once": once, "rows": rows,
+            "whole_from": [n for n, k in runs.items() if lengths == {k}],
+            "leftovers": [n for n in storage.listdir(out) if n != f"dt={DATE}"]}
+
+
+def score_same_date_twice(ws: Workspace, users: int = 400) -> dict[str, Any]:
+    """Two scoring runs of the same date at once (a nightly job and its retry), their commits at the same
+    moment, on local disk and on S3: both must finish and the partition must be one run's, whole."""
+    started = time.perf_counter()
+    local = _twice_at_once(ws, ws.path("scores-same-date"), users)
+    with ws.s3.environment():
+        s3 = _twice_at_once(ws, f"{ws.s3.bucket()}/scores", users)
+    results = {"local disk": local, "S3": s3}
+    whole = {where: r["readable"] == "yes" and r["once"] and len(r["whole_from"]) == 1
+             for where, r in results.items()}
+    parts = []
+    for where, r in results.items():
+        if r["readable"] != "yes":
+            parts.append(f"{where}: partition UNREADABLE ({r['readable']})")
+            continue
+        failed = f"; FAILED runs: {r['errors']}" if r["errors"] else ""
+        source = f"the {r['whole_from'][0]} run's, whole" if len(r["whole_from"]) == 1 else "a MIX of both runs"
+        parts.append(f"{where}: both runs finished{failed}; the partition is {source} ({r['rows']} rows, every "
+                     f"user once: {r['once']}); staging left: {r['leftovers'] or 'none'}")
+    clean = all(not r["errors"] and not r.get("leftovers") for r in results.values())
+    return outcome("score-same-date-twice", f"two scoring runs of {DATE} at once ({users} users; the retry with k=4 "
+                   "to tell them apart), both held at the partition commit until the other got there, then "
+                   "committed together; on local disk and on S3", "; ".join(parts),
+                   data_lost=not all(whole.values()), passed=clean, started=started, local=local, s3=s3)
+
+
+class _HalfWriter:
+    """A file whose writes stop half-way with ENOSPC, as on a disk that fills up during the write."""
+
+    def __init__(self, f: Any, disk: DiskFull) -> None:
+        self._f, self._disk = f, disk
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data[: len(data) // 2])
+        raise self._disk._full("write")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _HalfWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+class DiskFull:
+    """The driver's local disk is full while active: storage's file writes stop half-way with ENOSPC,
+    and fsync (where delayed allocation reports a full disk) fails with ENOSPC for files other
+    processes wrote, such as the staged partition Ray Data's write tasks left."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self._fsync = os.fsync
+
+    def _full(self, what: str) -> OSError:
+        self.hits[what] += 1
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def _open(self, path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 - handed to the caller, who closes it
+        return _HalfWriter(f, self) if "w" in mode else f
+
+    def _fsync_full(self, fd: int) -> None:
+        raise self._full("fsync")
+
+    def __enter__(self) -> DiskFull:
+        storage.open = self._open  # shadows the builtin inside storage only
+        os.fsync = self._fsync_full
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del storage.open
+        os.fsync = self._fsync
+
+
+def disk_full_write(ws: Workspace, users: int = 200) -> dict[str, Any]:
+    """Replace a date's partition and overwrite a JSON pointer (a run's final.json) while the disk is full:
+    both must fail with ENOSPC, leave the old versions whole and no temporary files; then succeed."""
+    started = time.perf_counter()
+    out = ws.path("scores-disk-full")
+    cfg = ws.config(f"score.input={write_histories(ws, users, 'histories-disk-full')}", f"score.out={out}",
+                    f"score.date={DATE}", f"score.checkpoint={ws.checkpoint}", "score.num_actors=1")
+    run_score(cfg)
+    before = read_scores(out, DATE)
+    pointer = ws.path("disk-full", "final.json")
+    storage.write_json(pointer, {"checkpoint": ws.checkpoint})
+    errors: dict[str, str] = {}
+    with DiskFull() as disk:
+        for what, call in {"scoring": lambda: run_score(cfg),
+                           "final.json": lambda: storage.write_json(pointer, {"checkpoint": "a newer one"})}.items():
+            try:
+                call()
+            except OSError as err:
+                errors[what] = str(err)
+    kept = {"partition": read_scores(out, DATE).equals(before),
+            "final.json": storage.read_json(pointer) == {"checkpoint": ws.checkpoint}}
+    leftovers = [n for folder in (out, os.path.dirname(pointer)) for n in os.listdir(folder) if n.startswith(".")]
+    after = run_score(cfg)
+    full = all("No space left" in errors.get(w, "") for w in ("scoring", "final.json"))
+    observed = (f"disk full at {dict(disk.hits)}; scoring failed: {errors.get('scoring', 'NOT AT ALL')}; the "
+                f"final.json overwrite failed: {errors.get('final.json', 'NOT AT ALL')}; old partition "
+                f"{'whole' if kept['partition'] else 'CHANGED'}, old final.json "
+                f"{'whole' if kept['final.json'] else 'CHANGED'}; temporary files left: {leftovers or 'none'}; with "
+                f"space again scoring committed {after.users_scored} users")
+    return outcome("disk-full-write", "ENOSPC from the driver's disk while a date's partition is replaced (its staged "
+                   "files' fsync) and while final.json is overwritten (the write stops half-way)", observed,
+                   data_lost=not all(kept.values()), passed=full and not leftovers and after.users_scored == users,
+                   started=started, hits=dict(disk.hits), errors=errors)

@@ -1,7 +1,9 @@
-"""Fault scenarios for the Serve API: hostile payloads, and a replica killed under load.
+"""Fault scenarios for the Serve API: hostile payloads, a replica killed under load, a replica stalled past
+the request timeout.
 
-Both use one deployment per workspace (2 replicas on 127.0.0.1, the real Serve proxy with the
-RetryOnReplicaDeath middleware) over a copy of the dataset whose image_uri values try to escape it.
+The first two use one deployment per workspace (2 replicas on 127.0.0.1, the real Serve proxy with the
+RetryOnReplicaDeath middleware) over a copy of the dataset whose image_uri values try to escape it; the
+timeout scenario starts Serve again with its own short serve.request_timeout_s.
 """
 
 from __future__ import annotations
@@ -171,3 +173,56 @@ def serve_replica_killed(ws: Workspace, recovery_timeout_s: float = 180.0) -> di
                    "clients)", observed, data_lost=bool(failed), passed=bool(replaced) and answered > at_kill,
                    started=started, answered=answered, rerun=rerun, results=dict(load.results),
                    recovered_s=round(recovered_s, 1))
+
+
+def serve_request_timeout(ws: Workspace, timeout_s: float = 2.0, stall_s: float = 6.0) -> dict[str, Any]:
+    """Stall the only replica (SIGSTOP: a GC pause, a swapped-out or wedged process) past
+    serve.request_timeout_s while a request waits on it: the client must get a JSON 504 soon after the
+    timeout, not hang, and once the replica runs again (SIGCONT) requests must be answered.
+
+    Serve's request timeout is fixed when Serve starts, so this scenario restarts Serve with its own
+    short timeout (the workspace's shared deployment, if any, is shut down and rebuilt on next use).
+    """
+    import signal
+
+    import httpx
+    from ray import serve
+
+    from speeder_platform.bench_serve import _free_port
+    from speeder_platform.serve import serve_settings, start
+
+    started = time.perf_counter()
+    if ws.serve_url:
+        serve.shutdown()
+        ws.serve_url = None
+    cfg = ws.config("serve.num_replicas=1", f"serve.request_timeout_s={timeout_s}")
+    ws.on_close(serve.shutdown)
+    url = start(cfg, serve_settings(cfg, ws.checkpoint), port=_free_port(), name="speeder-timeout")
+    body = {"history": [1, 2, 3], "k": 5}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        before = http.post("/recommend", json=body).status_code
+        (pid,) = replica_pids()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            try:
+                stalled = http.post("/recommend", json=body, timeout=stall_s + 30)
+                answer = (stalled.status_code, stalled.headers.get("content-type", ""), stalled.text[:200])
+            except httpx.HTTPError as err:  # a hang or a dropped connection: no answer
+                answer = (0, "", f"{type(err).__name__}: {err}")
+            waited = time.perf_counter() - t0
+            time.sleep(max(0.0, stall_s - waited))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        after = wait_for(lambda: http.post("/recommend", json=body).status_code == 200, timeout_s=60, every_s=0.5)
+    kept = pid in replica_pids()
+    serve.shutdown()
+    code, content_type, text = answer
+    prompt = code == 504 and "json" in content_type and waited < timeout_s + 5
+    observed = (f"replica pid {pid} stopped for {stall_s:.0f}s; the request waiting on it got {code or 'NO ANSWER'} "
+                f"after {waited:.1f}s ({text!r}); after SIGCONT requests answered 200: {bool(after)}; the "
+                f"replica {'was kept (same pid)' if kept else 'WAS REPLACED'}")
+    return outcome("serve-request-timeout", f"the only Serve replica stopped (SIGSTOP) for {stall_s:.0f}s with "
+                   f"serve.request_timeout_s={timeout_s:g} while a request waits on it", observed,
+                   data_lost=code == 0 or not after, passed=before == 200 and prompt, started=started, status=code,
+                   waited_s=round(waited, 1))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import pathlib
 
 import pytest
 
@@ -16,6 +18,17 @@ def test_list_names_every_scenario(capsys) -> None:
     assert capsys.readouterr().out.split() == list(SCENARIOS)
     with pytest.raises(SystemExit):
         main(["--only", "no-such-scenario"])
+
+
+def test_every_scenario_is_called_by_a_fault_test() -> None:
+    """The tests call the very functions `speeder bench faults` runs, every one of them."""
+    called = set()
+    for path in pathlib.Path(__file__).parent.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                called.add(node.func.id)
+    functions = {name: target.split(":")[1] for name, target in SCENARIOS.items()}
+    assert {name for name, function in functions.items() if function not in called} == set()
 
 
 def test_a_scenario_runs_into_the_table_and_the_json(capsys, tmp_path) -> None:

@@ -1,5 +1,6 @@
 """Batch scoring under fault: a killed scorer actor, an S3 endpoint that goes down while the partition
-is written; every user is scored exactly once and no reader ever sees part of a partition."""
+is written, two runs of the same date at once, a full disk; every user is scored exactly once and no
+reader ever sees part of a partition."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import pyarrow as pa
 import pytest
 
 from speeder_platform import storage
-from speeder_platform.bench_faults_score import score_actor_killed, score_s3_outage
+from speeder_platform.bench_faults_score import (
+    disk_full_write,
+    score_actor_killed,
+    score_s3_outage,
+    score_same_date_twice,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -36,3 +42,18 @@ def test_a_first_commit_still_copying_is_not_visible(s3_bucket) -> None:
         storage.read_table(final)
     storage.write_json(f"{final}/{storage.MANIFEST}", {"files": ["run-abc/part-0.parquet"]})  # the commit point
     assert storage.read_table(final).to_pydict() == {"a": [1, 2]}
+
+
+def test_two_runs_of_one_date_at_once_leave_one_whole_partition(ws, ray_local) -> None:
+    result = score_same_date_twice(ws, users=300)
+    assert result["passed"] and not result["data_lost"], result["observed"]
+    for where in ("local", "s3"):
+        run = result["details"][where]
+        assert run["errors"] == {} and run["once"] and len(run["whole_from"]) == 1  # one run's rows, all of them
+
+
+def test_a_full_disk_fails_the_write_and_keeps_the_old_versions_whole(ws, ray_local) -> None:
+    result = disk_full_write(ws, users=200)
+    assert result["passed"] and not result["data_lost"], result["observed"]
+    assert result["details"]["hits"]["fsync"] >= 1 and result["details"]["hits"]["write"] >= 1
+    assert all("No space left on device" in e for e in result["details"]["errors"].values())

@@ -1,5 +1,5 @@
-"""Serving under fault: a replica killed under load, and image_uri values that try to escape the
-dataset. (Hostile payloads have their own test in tests/platform/test_serve.py.)"""
+"""Serving under fault: hostile payloads, a replica killed under load, a replica stalled past the request
+timeout, and image_uri values that try to escape the dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import pytest
 
 from speeder import schema
 from speeder_platform.bench_faults_data import set_image_uris
-from speeder_platform.bench_faults_serve import ESCAPING, serve_replica_killed
+from speeder_platform.bench_faults_serve import (
+    ESCAPING,
+    serve_hostile_payloads,
+    serve_replica_killed,
+    serve_request_timeout,
+)
 from speeder_platform.recommender import Recommender
 from speeder_platform.serve_proxy import RetryOnReplicaDeath
 
@@ -107,3 +112,20 @@ def test_a_replica_killed_under_load_loses_no_request(ws, ray_local) -> None:
     # proxy's replay itself is tested deterministically in
     # test_a_request_whose_replica_died_runs_again_with_the_same_body. What must hold is above: requests
     # kept being answered after the kill (passed) and none failed (results empty).
+
+
+@pytest.mark.integration
+def test_hostile_payloads_get_4xx_and_no_replica_dies(ws, ray_local) -> None:
+    result = serve_hostile_payloads(ws)
+    assert result["passed"] and not result["data_lost"], result["observed"]
+    codes = result["details"]["codes"]
+    assert codes["10 MB body"] == 413 and codes["10 MB chunked body"] == 413  # refused before parsing
+    assert len(codes) == 20 and all(400 <= c < 500 for c in codes.values())
+
+
+@pytest.mark.integration
+def test_a_replica_stalled_past_the_timeout_gives_a_prompt_504_and_recovers(ws, ray_local) -> None:
+    # Last in this module: it starts Serve again with its own short request timeout.
+    result = serve_request_timeout(ws, timeout_s=2.0, stall_s=6.0)
+    assert result["passed"] and not result["data_lost"], result["observed"]
+    assert result["details"]["status"] == 504 and result["details"]["waited_s"] < 6.0
