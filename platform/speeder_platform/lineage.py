@@ -109,5 +109,6 @@ def check_checkpoint(meta: dict[str, Any], features: FeaturesSet, checkpoint: st
     settings = (meta.get("features") or {}).get("settings")
     why = ("they were made with other encoder settings" if settings != features.settings
            else "they were made from other dataset files")
+    held = f"features {features.fingerprint}" if features.fingerprint else "features without a fingerprint"
     raise FeaturesError(f"checkpoint {checkpoint} was trained on features {trained}, but {features.uri} holds "
-                        f"features {features.fingerprint}: {why}; use the features it was trained on, or train again")
+                        f"{held}: {why}; use the features it was trained on, or train again")

@@ -95,6 +95,9 @@ def test_check_names_both_fingerprints_and_why() -> None:
     with pytest.raises(lineage.FeaturesError, match="other dataset files"):
         lineage.check_checkpoint({"features": {"fingerprint": "abc9", "settings": {"text_encoder": "minilm"}}},
                                  features, "ckpt")
+    unmarked = lineage.FeaturesSet("data/features/default", None)  # made by an older featurize
+    with pytest.raises(lineage.FeaturesError, match="holds features without a fingerprint"):
+        lineage.check_checkpoint({"features": {"fingerprint": "abc9"}}, unmarked, "ckpt")
 
 
 def test_scoring_and_serving_refuse_features_the_checkpoint_was_not_trained_on(trained, tmp_path) -> None:
