@@ -106,3 +106,20 @@ def full_ranking_metrics(ranks: Sequence[int] | np.ndarray | torch.Tensor, k: in
     """The full-ranking protocol's figures: HR@K, NDCG@K, MRR@K over the whole catalog."""
     r = _ranks(ranks)
     return {f"hr@{k}": hit_rate(r, k), f"ndcg@{k}": ndcg(r, k), f"mrr@{k}": mrr(r, k), "samples": int(r.size)}
+
+
+def paired_difference(ranks_a: Sequence[int] | np.ndarray | torch.Tensor,
+                      ranks_b: Sequence[int] | np.ndarray | torch.Tensor, k: int = 1) -> tuple[float, float]:
+    """HR@K of model a minus model b on the same samples, with the half-width of its 95% interval.
+
+    d_s = 1[rank_a,s < K] - 1[rank_b,s < K] (invalid answers are misses); mean(d) +- 1.96 sd(d) / sqrt(|S|).
+    Both models answer the same users, so the paired interval is much narrower than two separate ones.
+    """
+    a, b = _ranks(ranks_a), _ranks(ranks_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired ranks of different lengths: {a.size} and {b.size}")
+    if not a.size:
+        return 0.0, 0.0
+    diff = ((a >= 0) & (a < k)).astype(float) - ((b >= 0) & (b < k)).astype(float)  # (S,) in {-1, 0, 1}
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else 0.0
+    return float(diff.mean()), float(half)

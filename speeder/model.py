@@ -40,21 +40,24 @@ class SpeederSettings:
     ppt_lambda: float = 0.1
     ppt_pairs: int = 4
     modalities: list[str] = field(default_factory=lambda: ["text", "vision", "sequence"])
+    # The defaults are the measured recipe (docs/model.md); the paper's model is readout="final" with
+    # dense_weight=0, item_prior, sequence_skip and readout_skip off.
     # final: the user vector reads the prompt's last token (the paper); last_slot: the last history
     # item's slot; both: the sum of the two projections.
-    readout: str = "final"
+    readout: str = "both"
     # Weight of the dense next-item loss: the hidden state at every history slot predicts the next
     # history item (the last one predicts the target), SASRec's objective on top of the LLM.
-    dense_weight: float = 0.0
-    item_prior: bool = False  # a learned per-item score term b(e_c) = v . e_c beside the cosine
-    sequence_skip: bool = False  # MRC's linear path from the SASRec embedding to the token
+    dense_weight: float = 1.0
+    item_prior: bool = True  # a learned per-item score term b(e_c) = v . e_c beside the cosine
+    sequence_skip: bool = True  # MRC's linear path from the SASRec embedding to the token
     # A linear path around the LLM: user (and slot) vectors add W_x x, x the slot's input token (item
     # token + PPL). W_x starts as the identity and the LLM's projections at zero, so before training the
     # model scores like "the last item's token" and the LLM's part grows from there.
-    readout_skip: bool = False
+    readout_skip: bool = True
     # The sequence encoder's (SASRec's) user state as a user-side path: user vectors add
     # W_s skip(h_seq), skip = MRC's sequence skip (so user and item share SASRec's geometry), W_s from the
-    # identity. Needs sequence_skip and a sequence encoder; active only with the sequence modality.
+    # identity. Needs sequence_skip and a sequence encoder (so off here by default; the platform turns it
+    # on with featurize's SASRec); active only with the sequence modality.
     sequence_user: bool = False
     # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
     # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().

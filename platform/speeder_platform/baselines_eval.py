@@ -71,6 +71,30 @@ def metrics_from_ranks(ranks: dict[str, np.ndarray], k: int = 10) -> dict[str, f
     return out
 
 
+RANKS_DIR = "ranks"  # <evaluate.out>/ranks/<model>.parquet: user_id, cand_rank, full_rank per test user
+
+
+def write_ranks(out: str, model: str, user_ids: np.ndarray, ranks: dict[str, np.ndarray]) -> str:
+    """Per-user ranks of one model on a split, so reports can pair models user by user."""
+    import pyarrow as pa
+
+    table = pa.table({"user_id": np.asarray(user_ids, np.int64), "cand_rank": np.asarray(ranks["candidates"], np.int64),
+                      "full_rank": np.asarray(ranks.get("full", np.full(len(user_ids), -1)), np.int64)})
+    uri = storage.join(out, RANKS_DIR, f"{model}.parquet")
+    storage.write_table(table, uri)
+    return uri
+
+
+def read_ranks(out: str, model: str) -> dict[str, np.ndarray] | None:
+    """{"user_id", "candidates", "full"} arrays written by `write_ranks`, or None if absent."""
+    uri = storage.join(out, RANKS_DIR, f"{model}.parquet")
+    if not storage.exists(uri):
+        return None
+    table = storage.read_table(uri)
+    return {"user_id": table.column("user_id").to_numpy(), "candidates": table.column("cand_rank").to_numpy(),
+            "full": table.column("full_rank").to_numpy()}
+
+
 def popularity_scorer(model: Popularity) -> CatalogScorer:
     return lambda history: model.score_catalog(len(history))
 
@@ -96,13 +120,19 @@ def popularity_from_sequences(sequences: Sequence[np.ndarray], num_items: int) -
     return Popularity(num_items, flat)
 
 
+def baseline_ranks(samples: Samples, popularity: Popularity, sasrec: Any | None,
+                   full: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """{"Popularity": ranks, "SASRec": ranks} on `samples` (SASRec only when given)."""
+    out = {"Popularity": rank_with(popularity_scorer(popularity), samples, full=full)}
+    if sasrec is not None:
+        out["SASRec"] = rank_with(sasrec_scorer(sasrec), samples, full=full)
+    return out
+
+
 def evaluate_baselines(samples: Samples, popularity: Popularity, sasrec: Any | None,
                        full: bool = True) -> dict[str, dict[str, float]]:
     """{"Popularity": metrics, "SASRec": metrics} on `samples` (SASRec only when given)."""
-    rows = {"Popularity": metrics_from_ranks(rank_with(popularity_scorer(popularity), samples, full=full))}
-    if sasrec is not None:
-        rows["SASRec"] = metrics_from_ranks(rank_with(sasrec_scorer(sasrec), samples, full=full))
-    return rows
+    return {name: metrics_from_ranks(r) for name, r in baseline_ranks(samples, popularity, sasrec, full).items()}
 
 
 def run_baselines(cfg: Any) -> dict[str, Any]:
@@ -125,7 +155,10 @@ def run_baselines(cfg: Any) -> dict[str, Any]:
         stats = meta.get("stats") or []
         sasrec_info = {"source": directory, "status": "loaded", "hparams": meta["hparams"], "epochs": len(stats),
                        "train_seconds": round(sum(s.get("seconds", 0.0) for s in stats), 1)}
-    rows = evaluate_baselines(samples, popularity_from_sequences(sequences, num_items), sasrec)
+    ranks = baseline_ranks(samples, popularity_from_sequences(sequences, num_items), sasrec)
+    rows = {name: metrics_from_ranks(r) for name, r in ranks.items()}
+    for name, r in ranks.items():
+        write_ranks(cfg.evaluate.out, name.lower(), samples.user_id, r)
     result = {"split": cfg.evaluate.split, "samples": len(samples), "models": rows, "sasrec": sasrec_info,
               "seconds": round(time.perf_counter() - t0, 2)}
     storage.write_json(storage.join(cfg.evaluate.out, BASELINES_FILE), result)

@@ -1,17 +1,20 @@
 """`speeder bench quality`: test-split accuracy of Speeder, its ablations and the baselines, one table.
 
-    speeder bench quality --dataset synthetic                 # a few minutes: tiny-llama, real features
-    speeder bench quality --dataset ml100k                    # SmolLM2-135M (first 8 layers), well under 1 h
-    speeder bench quality --dataset both --out runs/bench/quality
+    speeder bench quality --dataset synthetic                 # jobs/synthetic.yaml's recipe, ~20 min
+    speeder bench quality --dataset ml100k                    # jobs/demo.yaml's recipe, ~2 h on 2 cores
+    speeder bench quality --dataset ml100k --set trainer.stage_samples=[2400,2400,9600]   # another budget
 
-Per dataset (ML-100K and the synthetic multimodal catalog, DESIGN 3.3), on the same splits and the same
-20 candidates for every model:
+Per dataset (ML-100K and the synthetic multimodal catalog), on the same splits and the same 20
+candidates for every model:
 - Popularity, SASRec (featurize's, loaded), the multi-token LLaRA-style baseline (same backbone and
   LoRA as Speeder; small stated budget, evaluated on a seeded subset of test users: it generates), and
-  Speeder with its ablations: no PPT, no PPL, no MPO (every modality from the start), text only,
-  no vision, no sequence (text + vision). Every variant gets the full model's optimiser steps. A
-  variant identical to one already trained on a catalog (no vision = Speeder and no sequence = text
-  only on ML-100K: no images) is not trained twice.
+  Speeder with one row per lever turned off (`bench_quality_models.VARIANTS`: the paper's model with
+  no lever, no dense loss, final-token readout, no readout skip, no item prior, no SASRec skip, ...,
+  no PPT, no PPL, no MPO, text only, no vision, no sequence). Every variant trains with the recipe of
+  the dataset's job spec (the trainer's own settings and code) and gets the full model's total
+  optimiser steps (equal compute); every row carries the paired 95% interval of its HR@1 minus the
+  full model's over the same test users. A variant identical to one already trained on a catalog (no
+  vision = Speeder on ML-100K: no images) is not trained twice.
 - Cold start: 10% of the items held out of training entirely; HR@1 on test samples whose target is
   one of them (Speeder ranks them by content; SASRec has only an untrained id embedding).
 - Missing modalities: 30% of the images (when the catalog has them) or texts masked at test time.
@@ -22,8 +25,8 @@ project's featurize (made if missing). Writes results.md, results.json and PNG p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
 import sys
 import time
@@ -34,9 +37,10 @@ import numpy as np
 import torch
 
 from speeder.loop import Samples, catalog_tokens, rank_targets
+from speeder.metrics import paired_difference
 from speeder_platform import storage
 from speeder_platform.baselines_eval import (
-    evaluate_baselines,
+    baseline_ranks,
     metrics_from_ranks,
     popularity_from_sequences,
     rank_with,
@@ -46,7 +50,6 @@ from speeder_platform.baselines_eval import (
 from speeder_platform.bench_quality_data import (
     FEATURES_NAME,
     BenchData,
-    bench_config,
     cold_sasrec,
     cold_start,
     load_bench_data,
@@ -58,13 +61,16 @@ from speeder_platform.bench_quality_models import (
     Budget,
     TrainedSpeeder,
     build_llara,
+    equal_compute_steps,
     llara_ranks,
-    model_config,
     plan_for,
+    recipe_steps,
     train_llara,
     train_speeder,
     valid_subset,
+    variant_config,
 )
+from speeder_platform.config import SpeederConfig, to_dict
 
 log = logging.getLogger("speeder.bench")
 
@@ -74,45 +80,35 @@ PARTS = ("llara", "cold-start", "missing")
 
 @dataclass
 class DatasetSetup:
-    """How the bench runs on one dataset: where it lives, how it is made, the model and the budgets."""
+    """How the bench runs on one dataset: where it lives, the job spec whose recipe it trains, budgets."""
 
     source: str
     uri: str
-    prepare: list[str]
-    backbone: str
-    num_layers: int | None
-    budget: Budget
+    spec: str  # model + trainer (+ featurize) settings: what `speeder job SPEC` trains
     threads: int
-    mrc: list[str] = field(default_factory=list)
+    budget: Budget
+    prepare: list[str] = field(default_factory=list)
 
 
 def default_setups(args: argparse.Namespace) -> dict[str, DatasetSetup]:
-    """Budgets sized for 2 CPU cores: synthetic in a few minutes, ML-100K well under an hour."""
+    """Each dataset's recipe is a job spec; the bench adds validation and the multi-token budget."""
     return {
         "synthetic": DatasetSetup(
-            source="synthetic", uri=args.synthetic_data,
-            prepare=[f"prepare.synthetic.num_users={args.synthetic_users}", "prepare.synthetic.image_size=32"],
-            backbone=args.synthetic_backbone, num_layers=None, threads=1,  # tiny models: 1 thread is fastest
-            # jobs/smoke.yaml's MRC for the tiny backbone (d=64): wider MRCs made its training spike and stall.
-            mrc=["model.mrc.hidden_size=64", "model.mrc.num_layers=1"],
-            # lr 3e-4: at the trainer's 1e-3 this tiny setup spiked or stalled at chance on some seeds.
-            budget=Budget(steps=300, batch_size=32, lr=3e-4, valid_users=0, llara_steps=40, llara_batch_size=8,
-                          llara_eval_users=300)),
+            source="synthetic", uri=args.synthetic_data, spec=args.synthetic_spec,
+            threads=1,  # tiny models: 1 thread is fastest on 2 cores
+            budget=Budget(valid_users=0, llara_steps=40, llara_batch_size=8, llara_eval_users=300)),
         "ml100k": DatasetSetup(
-            source="movielens-100k", uri=args.ml100k_data, prepare=[],
-            backbone=args.backbone, num_layers=args.num_layers, threads=2,
-            budget=Budget(steps=250, batch_size=16, valid_users=200, llara_steps=40, llara_batch_size=4,
-                          llara_eval_users=150)),
+            source="movielens-100k", uri=args.ml100k_data, spec=args.ml100k_spec, threads=2,
+            budget=Budget(valid_users=200, llara_steps=40, llara_batch_size=4, llara_eval_users=150)),
     }
 
 
 def apply_overrides(setup: DatasetSetup, args: argparse.Namespace) -> DatasetSetup:
     """Command-line budgets replace the dataset's defaults."""
-    for option, name in (("steps", "steps"), ("batch_size", "batch_size"), ("valid_users", "valid_users"), ("lr", "lr"),
-                         ("llara_steps", "llara_steps"), ("llara_eval_users", "llara_eval_users")):
+    for option in ("valid_users", "llara_steps", "llara_eval_users"):
         value = getattr(args, option)
         if value is not None:
-            setattr(setup.budget, name, value)
+            setattr(setup.budget, option, value)
     if args.threads is not None:
         setup.threads = args.threads
     return setup
@@ -125,41 +121,38 @@ def speeder_ranks(trained: TrainedSpeeder, samples: Samples, features: Any) -> d
                         active=trained.active)
 
 
-def _effective(cfg: Any, data: BenchData) -> tuple:
-    """What makes two variants the same model on this catalog."""
-    return (tuple(s.index for s in plan_for(cfg, data.features)),
-            tuple(sorted(set(cfg.modalities) & data.available)), cfg.use_ppl, cfg.ppt_lambda)
+def _effective(cfg: SpeederConfig, data: BenchData) -> str:
+    """What makes two variants the same model on this catalog: the stages they run and every model setting,
+    with modalities the catalog lacks left out."""
+    model = {**to_dict(cfg.model), "modalities": sorted(set(cfg.model.modalities) & data.available)}
+    return json.dumps({"plan": [s.index for s in plan_for(cfg.model, data.features)], "model": model}, sort_keys=True)
 
 
-def equal_compute_steps(base: list[str], cfg: Any, features: Any, budget: Budget) -> int:
-    """Steps per stage for `cfg` so it spends the full model's total (budget.steps in each of the full
-    model's MPO stages) over the stages it runs: no MPO and text only put it all in one stage."""
-    full_stages = len(plan_for(model_config(base, []), features))
-    return math.ceil(budget.steps * full_stages / len(plan_for(cfg, features)))
-
-
-def run_variants(data: BenchData, base: list[str], names: list[str], budget: Budget,
-                 seed: int) -> tuple[dict[str, dict], dict[str, list], TrainedSpeeder | None]:
+def run_variants(data: BenchData, spec: str, base: list[str], names: list[str], budget: Budget,
+                 features_dir: str) -> tuple[dict[str, dict], dict[str, list], TrainedSpeeder | None]:
     """Train and test every Speeder variant; -> rows, training curves, the trained full Speeder."""
     rows, curves, speeder = {}, {}, None
-    trained_as: dict[tuple, str] = {_effective(model_config(base, []), data): "Speeder"}  # effective model -> row
+    full = variant_config(spec, base, [])
+    full_steps = recipe_steps(full, data.features, len(data.train))
+    trained_as: dict[str, str] = {_effective(full, data): "Speeder"}  # effective model -> row
     for name in names:
-        cfg = model_config(base, VARIANTS[name])
+        cfg = variant_config(spec, base, VARIANTS[name])
         effective = _effective(cfg, data)
         same = trained_as.get(effective)
         if name != "Speeder" and same is not None:
-            rows[name] = {"same_as": same, "note": f"identical to {same} on this catalog (nothing to ablate)"}
+            rows[name] = {"same_as": same, "note": f"identical to {same} with this recipe and catalog"}
             continue
         trained_as[effective] = name
-        log.info("== %s on %s: %s", name, data.name, ", ".join(VARIANTS[name]) or "the full model")
-        steps = equal_compute_steps(base, cfg, data.features, budget)
-        trained = train_speeder(cfg, data.train, valid_subset(data.valid, budget.valid_users, seed), data.features,
-                                budget, seed, steps_per_stage=steps)
+        steps = equal_compute_steps(full_steps, plan_for(cfg.model, data.features))
+        log.info("== %s on %s: %s; steps per stage %s", name, data.name, ", ".join(VARIANTS[name]) or "the recipe",
+                 steps)
+        trained = train_speeder(cfg, data.train, valid_subset(data.valid, budget.valid_users, cfg.trainer.seed),
+                                data.features, steps, budget.curve_points, features_dir)
         t0 = time.perf_counter()
         ranks = speeder_ranks(trained, data.test, data.features)
         rows[name] = {"metrics": metrics_from_ranks(ranks), "ranks": ranks, "test_users": len(data.test),
                       "train_seconds": round(sum(s["train_seconds"] for s in trained.stages), 1),
-                      "eval_seconds": round(time.perf_counter() - t0, 1),
+                      "eval_seconds": round(time.perf_counter() - t0, 1), "steps": steps,
                       "stages": [s["stage"] for s in trained.stages], "modalities": trained.active}
         curves[name] = trained.stages
         if name == "Speeder":
@@ -167,51 +160,69 @@ def run_variants(data: BenchData, base: list[str], names: list[str], budget: Bud
     return rows, curves, speeder
 
 
-def run_llara(data: BenchData, base: list[str], budget: Budget, seed: int,
-              speeder: dict | None) -> tuple[dict, list]:
+def pair_with_speeder(rows: dict[str, dict]) -> None:
+    """Every row with ranks gets `vs_speeder`: its HR@1 minus the full model's, paired over the same test users
+    (a row evaluated on a subset of users, LLaRA's, is paired on that subset)."""
+    ref = rows.get("Speeder", {}).get("ranks")
+    if ref is None:
+        return
+    for name, row in rows.items():
+        if name == "Speeder" or row.get("ranks") is None:
+            continue
+        index = row.get("users_index")
+        mine = ref["candidates"] if index is None else ref["candidates"][index]
+        mean, half = paired_difference(row["ranks"]["candidates"], mine)
+        row["vs_speeder"] = {"hr@1": mean, "ci95": half, "users": len(mine)}
+
+
+def run_llara(data: BenchData, cfg: SpeederConfig, budget: Budget) -> tuple[dict, list]:
     """The multi-token baseline: train on its budget, evaluate on a seeded subset of test users."""
+    seed = cfg.trainer.seed
     log.info("== LLaRA-style multi-token baseline on %s: %d steps x %d", data.name, budget.llara_steps,
              budget.llara_batch_size)
     behaviour = data.features.sequence if data.features.sequence.shape[1] else None
-    model = build_llara(model_config(base, []), data.titles, behaviour, seed)
+    model = build_llara(cfg.model, data.titles, behaviour, seed)
     t0 = time.perf_counter()
-    curve = train_llara(model, data.train, budget, seed)
+    curve = train_llara(model, data.train, budget, seed, lr=cfg.trainer.lr, lora_lr=cfg.trainer.lora_lr)
     train_seconds = time.perf_counter() - t0
     index = np.arange(len(data.test))
     if budget.llara_eval_users and budget.llara_eval_users < len(data.test):
         index = np.sort(np.random.default_rng([seed, 5]).choice(len(data.test), budget.llara_eval_users,
                                                                 replace=False))
     t0 = time.perf_counter()
-    metrics = metrics_from_ranks({"candidates": llara_ranks(model, data.test.subset(index))})
-    row = {"metrics": metrics, "test_users": len(index), "train_seconds": round(train_seconds, 1),
-           "eval_seconds": round(time.perf_counter() - t0, 1)}
-    if speeder is not None and len(index) < len(data.test):  # Speeder on the very same users, for a paired view
-        same = metrics_from_ranks({"candidates": speeder["ranks"]["candidates"][index]})
-        row["speeder_same_users"] = {k: same[k] for k in ("cand_hr@1", "cand_vhr@1")}
+    ranks = {"candidates": llara_ranks(model, data.test.subset(index))}
+    row = {"metrics": metrics_from_ranks(ranks), "ranks": ranks, "users_index": index, "test_users": len(index),
+           "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
     return row, [{"stage": 0, "name": "teacher forcing", "curve": curve}]
 
 
-def run_cold_start(data: BenchData, base: list[str], budget: Budget, seed: int, fraction: float,
+def run_cold_start(data: BenchData, spec: str, base: list[str], budget: Budget, fraction: float,
                    threads: int) -> dict[str, Any]:
     """Hold `fraction` of the items out of training; HR@1 on test targets among them vs the rest.
 
     Two Speeders train on the warm items: the full model (held-out items then lack only seq_emb) and one
     on content tokens alone (text, and images where the catalog has them), which sees every item alike.
+    Both train in warm ids, which featurize's SASRec does not know: the SASRec user state and the SASRec
+    teacher are off here (the SASRec item embeddings, retrained without the held-out items, stay).
     """
     log.info("== cold start on %s: %.0f%% of the items held out of training", data.name, 100 * fraction)
+    full = variant_config(spec, base, [])
+    seed = full.trainer.seed
     cold = cold_start(data, fraction, seed, MAX_HISTORY)
     sasrec, info = cold_sasrec(data, cold, num_threads=threads)
     torch.set_num_threads(threads)
     features = with_sequence(data.features, sasrec, info.pop("present"))
     warm = features.select(torch.from_numpy(cold.warm))
     content = [m for m in ("text", "vision") if m in data.available]
-    speeders = {"Speeder": [], f"Speeder, content tokens only ({' + '.join(content)})":
-                [f"model.modalities=[{','.join(content)}]"]}
+    no_sasrec_model = ["model.sequence_user=false", "model.distill_weight=0"]
+    speeders = {"Speeder": no_sasrec_model, f"Speeder, content tokens only ({' + '.join(content)})":
+                [*no_sasrec_model, f"model.modalities=[{','.join(content)}]"]}
+    full_steps = recipe_steps(variant_config(spec, base, no_sasrec_model), warm, len(cold.train))
     ranks, seconds = {}, {}
     for name, overrides in speeders.items():
-        cfg = model_config(base, overrides)
-        trained = train_speeder(cfg, cold.train, None, warm, budget, seed,
-                                steps_per_stage=equal_compute_steps(base, cfg, warm, budget))
+        cfg = variant_config(spec, base, overrides)
+        trained = train_speeder(cfg, cold.train, None, warm, equal_compute_steps(full_steps, plan_for(cfg.model, warm)),
+                                budget.curve_points)
         ranks[name], seconds[name] = speeder_ranks(trained, data.test, features), round(trained.seconds, 1)
     sequences, num_items = train_item_counts(data.uri)
     popularity = popularity_from_sequences([s[~cold.is_held_out(s)] for s in sequences], num_items)
@@ -240,36 +251,44 @@ def run_missing(data: BenchData, speeder: TrainedSpeeder, reference: dict[str, f
 
 
 def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    torch.set_num_threads(setup.threads)
-    cfg = bench_config(setup.uri, setup.source, setup.prepare, args.features_name)
-    data = load_bench_data(name, cfg, MAX_HISTORY)
-    base = [f"model.backbone={setup.backbone}", f"model.max_history={MAX_HISTORY}", *setup.mrc,
-            *([f"model.num_layers={setup.num_layers}"] if setup.num_layers else [])]
-    budget, seed = setup.budget, args.seed
     from speeder_platform.featurize import features_dir
     from speeder_platform.featurize_seq import load_sasrec, sasrec_dir
 
+    t0 = time.perf_counter()
+    torch.set_num_threads(setup.threads)
+    base = [f"data.uri={setup.uri}", f"prepare.source={setup.source}", f"featurize.name={args.features_name}",
+            f"model.max_history={MAX_HISTORY}", "ray.num_cpus=2", *setup.prepare, *args.set]
+    cfg = variant_config(setup.spec, base, [])
+    data = load_bench_data(name, cfg, MAX_HISTORY)
+    budget = setup.budget
     sasrec, sasrec_meta = load_sasrec(sasrec_dir(features_dir(cfg)))
     sequences, num_items = train_item_counts(data.uri)
-    rows: dict[str, dict] = {k: {"metrics": v, "test_users": len(data.test)} for k, v in evaluate_baselines(
-        data.test, popularity_from_sequences(sequences, num_items), sasrec).items()}
+    rows: dict[str, dict] = {k: {"metrics": metrics_from_ranks(r), "ranks": r, "test_users": len(data.test)}
+                             for k, r in baseline_ranks(data.test, popularity_from_sequences(sequences, num_items),
+                                                        sasrec).items()}
     rows["SASRec"]["train_seconds"] = round(sum(s["seconds"] for s in sasrec_meta.get("stats", [])), 1)
-    variants, curves, speeder = run_variants(data, base, args.variants, budget, seed)
+    variants, curves, speeder = run_variants(data, setup.spec, base, args.variants, budget, features_dir(cfg))
     rows.update(variants)
-    result: dict[str, Any] = {"source": setup.source, "uri": setup.uri, "backbone": setup.backbone,
-                              "num_layers": setup.num_layers, "threads": setup.threads, "budget": budget.to_dict(),
+    result: dict[str, Any] = {"source": setup.source, "uri": setup.uri, "spec": setup.spec, "overrides": args.set,
+                              "backbone": cfg.model.backbone, "num_layers": cfg.model.num_layers,
+                              "threads": setup.threads, "budget": budget.to_dict(),
+                              "recipe": {"model": to_dict(cfg.model), "trainer": to_dict(cfg.trainer)},
+                              "steps": recipe_steps(cfg, data.features, len(data.train)),
                               "data": data_info(data), "sasrec": {"epochs": len(sasrec_meta.get("stats", [])),
-                                                                  "hparams": sasrec_meta["hparams"]}}
+                                                                  "hparams": sasrec_meta["hparams"],
+                                                                  "settings": sasrec_meta.get("settings")}}
     if "llara" not in args.skip:
-        rows["LLaRA-style"], curves["LLaRA-style"] = run_llara(data, base, budget, seed, rows.get("Speeder"))
+        rows["LLaRA-style"], curves["LLaRA-style"] = run_llara(data, cfg, budget)
     if "missing" not in args.skip and speeder is not None:
-        result["missing"] = run_missing(data, speeder, rows["Speeder"]["metrics"], args.missing_rate, seed)
+        result["missing"] = run_missing(data, speeder, rows["Speeder"]["metrics"], args.missing_rate,
+                                        cfg.trainer.seed)
     if "cold-start" not in args.skip:
-        result["cold_start"] = run_cold_start(data, base, budget, seed, args.cold_fraction, setup.threads)
+        result["cold_start"] = run_cold_start(data, setup.spec, base, budget, args.cold_fraction, setup.threads)
     checks = modality_checks(rows)
+    pair_with_speeder(rows)
     for row in rows.values():
         row.pop("ranks", None)
+        row.pop("users_index", None)
     result.update(models=rows, curves=curves, checks=checks, seconds=round(time.perf_counter() - t0))
     return result
 
@@ -294,8 +313,7 @@ def modality_checks(rows: dict[str, dict]) -> dict[str, Any]:
         a, b = rows.get(with_it, {}).get("ranks"), rows.get(without, {}).get("ranks")
         if a is None or b is None:
             continue
-        diff = (a["candidates"] == 0).astype(float) - (b["candidates"] == 0).astype(float)  # (S,) in {-1, 0, 1}
-        gain, half = float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
+        gain, half = paired_difference(a["candidates"], b["candidates"])
         out[check] = {"with": with_it, "without": without, "hr@1_with": float((a["candidates"] == 0).mean()),
                       "hr@1_without": float((b["candidates"] == 0).mean()), "gain": gain, "ci95": half,
                       "holds": gain > 0, "significant": gain - half > 0}
@@ -313,21 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-name", default=FEATURES_NAME, help="features/<name> to use or make; `default` "
                    "reuses a job's features made with the same encoders")
     p.add_argument("--synthetic-users", type=int, default=1000, help="users of a newly made synthetic set")
-    p.add_argument("--backbone", default="smollm2-135m", help="ML-100K backbone (Speeder and LLaRA)")
-    p.add_argument("--num-layers", type=int, default=8, help="ML-100K: keep the backbone's first N layers")
-    p.add_argument("--synthetic-backbone", default="tiny-llama", help="synthetic-set backbone")
+    p.add_argument("--ml100k-spec", default="jobs/demo.yaml", help="ML-100K recipe: model, trainer, featurize")
+    p.add_argument("--synthetic-spec", default="jobs/synthetic.yaml", help="synthetic-set recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting for every variant (repeatable), e.g. trainer.stage_samples=[...]")
     p.add_argument("--variants", default=",".join(VARIANTS), help="Speeder variants, comma-separated")
     p.add_argument("--skip", default="", help=f"parts to skip, comma-separated: {', '.join(PARTS)}")
-    p.add_argument("--steps", type=int, help="Speeder optimiser steps per MPO stage (default per dataset)")
-    p.add_argument("--batch-size", type=int, help="Speeder batch size (default per dataset)")
-    p.add_argument("--lr", type=float, help="Speeder MRC/PPL/head learning rate (default per dataset)")
     p.add_argument("--valid-users", type=int, help="stage-end validation users (0: all; default per dataset)")
     p.add_argument("--llara-steps", type=int, help="LLaRA training steps (default per dataset)")
     p.add_argument("--llara-eval-users", type=int, help="LLaRA test users (0: all; default per dataset)")
     p.add_argument("--cold-fraction", type=float, default=0.1, help="share of items held out (cold start)")
     p.add_argument("--missing-rate", type=float, default=0.3, help="share of images/texts masked at test time")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 for tiny backbones, else 2)")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -353,7 +368,7 @@ def main(argv: list[str]) -> int:
     names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
     setups = default_setups(args)
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"command": "speeder bench quality " + " ".join(argv), "seed": args.seed,
+    results: dict[str, Any] = {"command": "speeder bench quality " + " ".join(argv),
                                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
                                "cold_fraction": args.cold_fraction, "missing_rate": args.missing_rate,
                                "datasets": {}}

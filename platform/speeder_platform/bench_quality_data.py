@@ -60,16 +60,6 @@ class BenchData:
         return available_modalities(self.features)
 
 
-def bench_config(uri: str, source: str, overrides: list[str], features_name: str = FEATURES_NAME) -> Any:
-    """The config the bench prepares and featurizes `uri` with (MiniLM; EfficientNet-Lite0 for images)."""
-    from speeder_platform.config import load_config
-
-    vision = "efficientnet-lite0" if source == "synthetic" else "none"
-    return load_config(None, [f"data.uri={uri}", f"prepare.source={source}", f"featurize.name={features_name}",
-                              "featurize.text_encoder=minilm", f"featurize.vision_encoder={vision}",
-                              "featurize.actor_num_cpus=0.5", "ray.num_cpus=2", *overrides])
-
-
 def ensure_dataset(cfg: Any) -> None:
     """Prepare cfg.data.uri from cfg.prepare unless a complete dataset (meta.json) is there."""
     from speeder_platform.data.prepare import prepare_dataset

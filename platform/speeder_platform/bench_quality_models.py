@@ -1,11 +1,12 @@
-"""Training the systems `speeder bench quality` compares, in one process, on a fixed step budget.
+"""Training the systems `speeder bench quality` compares, in one process, with the trainer's recipe.
 
-Speeder and its ablations train with the project's single-process loop (`speeder.loop.fit`, the
-MPO stages of `speeder.mpo`): one optimiser per stage, the stage's step budget cut into a few
-`fit` calls so each stage leaves a training curve, then validation at the end of the stage.
-The budget is per MPO stage, as `trainer.epochs` is: a variant runs `steps` optimiser steps in every
-stage it has (text only: stage 1; no vision: stages 1 and 3), except "no MPO", whose single stage
-gets as many steps as the full model's stages together (the same compute, all modalities at once).
+Every Speeder variant starts from a job spec's model and trainer settings (jobs/demo.yaml for ML-100K,
+jobs/synthetic.yaml for the synthetic catalog) plus the variant's model overrides, and trains with the
+trainer's own pieces: the same optimizer groups (`modeling.stage_groups`, the vision gate's lr scale
+included), the same loss and step (`speeder.loop.train_step`), the same per-stage samples
+(`train.stage_sample_indices`) and steps per stage (`train.steps_per_epoch` x trainer.epochs). What
+differs from `speeder train` is only the process: one, without Ray Train. A variant with fewer stages
+gets the full model's total steps spread over the stages it runs (equal compute).
 
 The multi-token baseline (LLaRA style, `speeder.baselines.llara`) trains on the same backbone with the
 same LoRA settings, teacher-forced on the candidate prompts, for its own (smaller, stated) budget:
@@ -14,7 +15,9 @@ its prompts are ~10x longer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,16 +26,27 @@ import numpy as np
 import torch
 
 from speeder.loop import Samples, evaluate, fit
-from speeder.mpo import GATE_LR_SCALE, Stage, apply_stage, plan_stages
+from speeder.mpo import Stage, plan_stages
 from speeder.mrc import ItemFeatures
-from speeder_platform.config import ModelConfig, load_config
+from speeder_platform.config import ModelConfig, SpeederConfig, load_config
 from speeder_platform.tables import available_modalities
 
 log = logging.getLogger("speeder.bench")
 
-# Ablations of DESIGN 4 as model-config overrides (the issue's list; "no MPO" = every modality at once).
+# Every lever of the model as a row: each turns one setting of the recipe off (or on), the rest as the spec
+# has it. A variant identical to an earlier one on a catalog (say "no vision" without images) is not retrained.
+PAPER = ["model.dense_weight=0", "model.readout=final", "model.readout_skip=false", "model.item_prior=false",
+         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0"]
 VARIANTS: dict[str, list[str]] = {
     "Speeder": [],
+    "paper's model (no levers)": PAPER,
+    "no dense loss": ["model.dense_weight=0"],
+    "final-token readout": ["model.readout=final", "model.readout_skip=false"],
+    "no readout skip": ["model.readout_skip=false"],
+    "no item prior": ["model.item_prior=false"],
+    "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
+    "no SASRec user state": ["model.sequence_user=false"],
+    "+ SASRec distillation": ["model.distill_weight=1.0"],
     "no PPT": ["model.ppt_lambda=0"],
     "no PPL": ["model.use_ppl=false"],
     "no MPO": ["model.use_mpo=false"],
@@ -44,14 +58,8 @@ VARIANTS: dict[str, list[str]] = {
 
 @dataclass
 class Budget:
-    """What every model may spend. Defaults are set per dataset by the bench's CLI."""
+    """What the bench adds to a recipe: validation, curve resolution, and the multi-token baseline's budget."""
 
-    steps: int  # optimiser steps per MPO stage (no MPO: the full model's stages x steps in its one stage)
-    batch_size: int = 16
-    lr: float = 1e-3  # MRC, PPL, heads (and the LLaRA projector)
-    lora_lr: float = 3e-4
-    text_lr_scale: float = 0.1  # MPO stage 2
-    negative_cache_steps: int = 0  # the trainer's default (fresh tokens for every item)
     curve_points: int = 8  # loss points per stage
     valid_users: int = 300  # stage-end validation on a seeded subset of the valid split (0: all)
     llara_steps: int = 60
@@ -70,9 +78,9 @@ class TrainedSpeeder:
     seconds: float = 0.0
 
 
-def model_config(base: list[str], variant: list[str]) -> ModelConfig:
-    """The validated model config of a variant: the bench's base overrides, then the variant's."""
-    return load_config(None, [*base, *variant]).model
+def variant_config(spec: str, base: list[str], variant: list[str]) -> SpeederConfig:
+    """The validated config of a variant: the spec, the bench's overrides, then the variant's."""
+    return load_config(spec, [*base, *variant])
 
 
 def plan_for(cfg: ModelConfig, features: ItemFeatures) -> list[Stage]:
@@ -80,11 +88,25 @@ def plan_for(cfg: ModelConfig, features: ItemFeatures) -> list[Stage]:
     return plan_stages([1, 2, 3], available_modalities(features) & set(cfg.modalities), cfg.use_mpo)
 
 
-def sample_order(n: int, count: int, seed: int) -> np.ndarray:
-    """`count` sample indices: seeded permutations of 0..n-1, one after the other (epochs)."""
-    rng = np.random.default_rng(seed)
-    reps = -(-count // n)
-    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:count]
+def recipe_steps(cfg: SpeederConfig, features: ItemFeatures, num_train: int) -> dict[int, int]:
+    """Optimiser steps per stage that `speeder train` runs with cfg on one worker (the bench is one
+    process): samples per stage (trainer.stage_samples / max_train_samples, else the split) / batch x epochs."""
+    from speeder_platform.train import stage_sample_limit, steps_per_epoch
+
+    one = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=1))
+    return {s.index: steps_per_epoch(min(num_train, stage_sample_limit(one, s.index) or num_train), one)
+            * one.trainer.epochs for s in plan_for(cfg.model, features)}
+
+
+def equal_compute_steps(full: dict[int, int], plan: list[Stage]) -> dict[int, int]:
+    """Steps per stage for a variant running `plan`, so it spends the full model's total: each stage keeps
+    its share of the full model's steps (a stage the full model lacks counts as the last one's)."""
+    total = sum(full.values())
+    base = {s.index: full.get(s.index, full[max(full)]) for s in plan}
+    scale = total / sum(base.values())
+    steps = {i: max(1, math.floor(n * scale)) for i, n in base.items()}
+    steps[plan[-1].index] += total - sum(steps.values())  # rounding goes to the last stage
+    return steps
 
 
 def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
@@ -94,55 +116,56 @@ def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
 
 
 def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, features: ItemFeatures, steps: int,
-                 budget: Budget, seed: int, teacher: Any = None) -> list[dict[str, float]]:
+                 cfg: SpeederConfig, curve_points: int, teacher: Any = None) -> list[dict[str, float]]:
     """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve."""
-    groups = apply_stage(model, stage, lr=budget.lr, lora_lr=budget.lora_lr, text_lr_scale=budget.text_lr_scale,
-                         gate_lr_scale=GATE_LR_SCALE)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    bs = budget.batch_size
-    order = sample_order(len(train), steps * bs, seed)
-    bounds = np.linspace(0, steps, min(budget.curve_points, steps) + 1).astype(int)
+    from speeder_platform.modeling import stage_groups
+    from speeder_platform.train import stage_sample_indices
+
+    t = cfg.trainer
+    optimizer = torch.optim.AdamW(stage_groups(model, stage, t), weight_decay=t.weight_decay)
+    bs = t.batch_size
+    order = stage_sample_indices(len(train), steps * bs, t.seed, stage.index)
+    bounds = np.linspace(0, steps, min(curve_points, steps) + 1).astype(int)
     curve = []
     for c in range(len(bounds) - 1):
         chunk = train.subset(order[bounds[c] * bs:bounds[c + 1] * bs])
-        epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=seed * 1000 + c,
-                    log_every=0, negative_cache_steps=budget.negative_cache_steps, teacher=teacher)[0]
+        epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=t.seed * 1000 + c,
+                    loss_pool=t.loss_pool, log_every=0, negative_cache_steps=t.negative_cache_steps,
+                    teacher=teacher)[0]
         curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])
     return curve
 
 
-def train_speeder(cfg: ModelConfig, train: Samples, valid: Samples | None, features: ItemFeatures, budget: Budget,
-                  seed: int, steps_per_stage: int | None = None, teacher: Any = None,
+def train_speeder(cfg: SpeederConfig, train: Samples, valid: Samples | None, features: ItemFeatures,
+                  steps_per_stage: dict[int, int], curve_points: int = 8,
                   features_dir: str | None = None) -> TrainedSpeeder:
-    """Build a variant and run its MPO stages (`steps_per_stage`, default budget.steps, each); each stage
-    continues from the last one's weights."""
-    from speeder_platform.modeling import build_from_config
+    """Build a variant (cfg.model, seeded by trainer.seed) and run its MPO stages for `steps_per_stage`;
+    each stage continues from the last one's weights. features_dir: features/<name>, for the variants
+    that read featurize's SASRec (sequence user state, distillation)."""
+    from speeder_platform.modeling import build_from_config, sequence_encoder_from
 
     t0 = time.perf_counter()
+    seed = cfg.trainer.seed
     torch.manual_seed(seed)  # dropout draws from the global generator: every variant starts from the same state
-    model = build_from_config(cfg, features.dims(), seed=seed, features_dir=features_dir)
+    model = build_from_config(cfg.model, features.dims(), seed=seed, features_dir=features_dir)
     available = available_modalities(features)
-    plan = plan_for(cfg, features)
+    plan = plan_for(cfg.model, features)
     if not plan:
-        raise ValueError(f"model.modalities {cfg.modalities}: nothing to train on modalities {sorted(available)}")
-    per_stage = steps_per_stage or budget.steps
-    if isinstance(per_stage, int):
-        per_stage = {stage.index: per_stage for stage in plan}
+        raise ValueError(f"model.modalities {cfg.model.modalities}: nothing to train on modalities {sorted(available)}")
+    teacher = sequence_encoder_from(features_dir) if cfg.model.distill_weight and features_dir else None
     result = TrainedSpeeder(model=model, active=[])
     for stage in plan:
         s0 = time.perf_counter()
-        active = [m for m in stage.modalities if m in cfg.modalities and m in available]
-        curve = _train_stage(model, stage, active, train, features, per_stage[stage.index], budget,
-                             seed * 100 + stage.index,
-                             teacher=teacher if cfg.distill_weight else None)
+        active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
+        curve = _train_stage(model, stage, active, train, features, steps_per_stage[stage.index], cfg, curve_points,
+                             teacher=teacher if "sequence" in active else None)
         train_seconds = time.perf_counter() - s0
         metrics = evaluate(model, valid, features, active) if valid is not None and len(valid) else {}
         result.stages.append({"stage": stage.index, "name": stage.name, "modalities": active,
-                              "steps": per_stage[stage.index],
-                              "curve": curve, "valid": metrics, "train_seconds": round(train_seconds, 1),
-                              "seconds": round(time.perf_counter() - s0, 1)})
+                              "steps": steps_per_stage[stage.index], "curve": curve, "valid": metrics,
+                              "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - s0, 1)})
         result.active = active
         if metrics:
             log.info("  stage %d (%s): valid HR@1 %.4f, HR@10 %.4f in %.0fs", stage.index, stage.name,
@@ -165,15 +188,18 @@ def build_llara(cfg: ModelConfig, titles: list[str], behaviour: torch.Tensor, se
         return LlaraRecommender(backbone, titles, behaviour)
 
 
-def train_llara(model: Any, train: Samples, budget: Budget, seed: int) -> list[dict[str, float]]:
+def train_llara(model: Any, train: Samples, budget: Budget, seed: int, lr: float,
+                lora_lr: float) -> list[dict[str, float]]:
     """Teacher-forced answer loss on candidate prompts for budget.llara_steps steps -> the loss curve."""
+    from speeder_platform.train import stage_sample_indices
+
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": budget.lora_lr}, {"params": other, "lr": budget.lr}],
+    optimizer = torch.optim.AdamW([{"params": lora, "lr": lora_lr}, {"params": other, "lr": lr}],
                                   weight_decay=0.0)
     bs, steps = budget.llara_batch_size, budget.llara_steps
     torch.manual_seed(seed)
-    order = sample_order(len(train), steps * bs, seed)
+    order = stage_sample_indices(len(train), steps * bs, seed, 0)
     every = max(1, steps // budget.curve_points)
     losses, curve, t0 = [], [], time.perf_counter()
     model.train()

@@ -20,20 +20,24 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _vs(row: dict[str, Any]) -> str:
+    v = row.get("vs_speeder")
+    return "" if v is None else f"{v['hr@1']:+.4f} +- {v['ci95']:.4f}"
+
+
 def model_table(models: dict[str, dict[str, Any]]) -> str:
-    head = "| model | " + " | ".join(label for _, label in COLUMNS) + " | test users | train s | note |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    """One row per model; HR@1 minus the full Speeder's with its paired 95% interval over the same users."""
+    head = ("| model | " + " | ".join(label for _, label in COLUMNS)
+            + " | HR@1 - Speeder (paired 95%) | test users | train s | note |")
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 5)]
     for name, row in models.items():
         if "same_as" in row:
-            lines.append(f"| {name} | " + " | ".join("=" for _ in COLUMNS) + f" | | | {row['note']} |")
+            lines.append(f"| {name} | " + " | ".join("=" for _ in COLUMNS) + f" | | | | {row['note']} |")
             continue
         m = row["metrics"]
-        note = row.get("note", "")
-        if "speeder_same_users" in row:
-            same = row["speeder_same_users"]
-            note = f"Speeder on the same users: HR@1 {same['cand_hr@1']:.4f}, VHR@1 {same['cand_vhr@1']:.4f}"
         cells = " | ".join(_num(m.get(key)) for key, _ in COLUMNS)
-        lines.append(f"| {name} | {cells} | {row['test_users']:,} | {_num_s(row.get('train_seconds'))} | {note} |")
+        lines.append(f"| {name} | {cells} | {_vs(row)} | {row['test_users']:,} | "
+                     f"{_num_s(row.get('train_seconds'))} | {row.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -42,15 +46,18 @@ def _num_s(seconds: float | None) -> str:
 
 
 def budget_text(ds: dict[str, Any]) -> str:
-    b = ds["budget"]
+    b, t = ds["budget"], ds["recipe"]["trainer"]
     layers = f" (first {ds['num_layers']} layers)" if ds.get("num_layers") else ""
-    cache = (f"cached negatives refreshed every {b['negative_cache_steps']} steps" if b.get("negative_cache_steps")
+    cache = (f"cached negatives refreshed every {t['negative_cache_steps']} steps" if t.get("negative_cache_steps")
              else "fresh tokens for every item at every step")
-    return (f"Backbone {ds['backbone']}{layers} with LoRA for Speeder and the multi-token baseline, torch threads "
-            f"{ds['threads']}. Speeder variants: {b['steps']} optimiser steps of batch {b['batch_size']} in each of "
-            f"the full model's MPO stages; every variant gets that total, spread over the stages it runs (no MPO, "
-            f"text only: all in one stage) (catalog softmax, {cache}, "
-            f"lr {b['lr']:g}, LoRA lr {b['lora_lr']:g}); stage-end validation on "
+    steps = ", ".join(f"stage {k}: {v}" for k, v in ds["steps"].items())
+    overrides = f" with {' '.join(ds['overrides'])}" if ds.get("overrides") else ""
+    return (f"Recipe: `{ds['spec']}`{overrides} (its model and trainer settings, the trainer's code). Backbone "
+            f"{ds['backbone']}{layers} with LoRA for Speeder and the multi-token baseline, torch threads "
+            f"{ds['threads']}. Speeder: optimiser steps of batch {t['batch_size']} per MPO stage ({steps}), fresh "
+            f"samples per stage; every variant gets that total, spread over the stages it runs (no MPO, text only: "
+            f"all in one stage) ({t['loss_pool']} softmax, {cache}, lr {t['lr']:g}, LoRA lr {t['lora_lr']:g}, "
+            f"vision gate lr x{t['gate_lr_scale']:g}); stage-end validation on "
             f"{b['valid_users'] or 'all'} valid users. Multi-token baseline: {b['llara_steps']} steps of batch "
             f"{b['llara_batch_size']} (teacher forcing on candidate prompts), evaluated on "
             f"{b['llara_eval_users'] or 'all'} seeded test users (generation; no full-ranking figure). SASRec: "
@@ -134,8 +141,8 @@ def write_plots(name: str, ds: dict[str, Any], out: str) -> None:
 def write_results(results: dict[str, Any], out: str) -> None:
     """results.json, results.md and every dataset's plots under `out`."""
     storage.write_json(storage.join(out, "results.json"), results)
-    lines = ["# Speeder quality bench", "", f"`{results['command']}` (seed {results['seed']}, "
-             f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}; {results['seconds']} s)", ""]
+    lines = ["# Speeder quality bench", "", f"`{results['command']}` ({results['machine']['cpus']} CPUs, torch "
+             f"{results['machine']['torch']}; {results['seconds']} s)", ""]
     for name, ds in results["datasets"].items():
         write_plots(name, ds, out)
         lines += dataset_section(name, ds, results)

@@ -90,6 +90,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from speeder_platform.diagnose import diagnose_table, run_diagnose
+
+    result = run_diagnose(_config(args), args.checkpoint, users=args.users)
+    sys.stdout.write(diagnose_table(result) + "\n")
+    return 0
+
+
 def _cmd_featurize(args: argparse.Namespace) -> int:
     from speeder_platform.featurize import run_featurize
 
@@ -119,7 +127,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from speeder_ui.app import run_ui
 
     return run_ui(args.config, args.overrides, endpoint=args.endpoint, checkpoint=args.checkpoint,
-                  compare=args.compare, port=args.port)
+                  compare=args.compare, port=args.port, baselines=not args.no_baselines)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -215,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = _add_config_command(sub, "evaluate", "test-split metrics, both protocols (JSON + markdown)",
                              _cmd_evaluate)
     ev.add_argument("--checkpoint", help="checkpoint URI (default: the run's final checkpoint)")
+    dg = _add_config_command(sub, "diagnose", "why a trained model ranks as it does: user-vector collapse, popularity "
+                             "correlation, training-free rules, gate and token scales", _cmd_diagnose)
+    dg.add_argument("--checkpoint", help="checkpoint URI (default: the run's final checkpoint)")
+    dg.add_argument("--users", type=int, default=300, help="validation users for the user-vector figures")
     fz = _add_config_command(sub, "featurize", "encode item text, images and sequences with Ray Data actor pools",
                              _cmd_featurize)
     fz.add_argument("--incremental", action="store_true", help="only items missing from the features table")
@@ -233,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--compare", help="a second model side by side: stageN of the run, a checkpoint URI or an "
                     "endpoint URL")
     ui.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")
+    ui.add_argument("--no-baselines", action="store_true",
+                    help="without SASRec's and popularity's lists beside Speeder's")
     ui.set_defaults(func=_cmd_ui)
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from speeder.checkpoint import load_checkpoint, read_meta
-from speeder.loop import evaluate as evaluate_samples
+from speeder.loop import catalog_tokens, rank_targets
 from speeder.model import SpeederModel
 from speeder.mrc import ItemFeatures
 from speeder_platform import storage
+from speeder_platform.baselines_eval import metrics_from_ranks, write_ranks
 from speeder_platform.config import SpeederConfig, from_dict
 from speeder_platform.lineage import check_checkpoint, committed_features
 from speeder_platform.modeling import build_from_config
@@ -96,8 +97,10 @@ def run_evaluate(cfg: SpeederConfig, checkpoint: str | None = None) -> dict[str,
     uri = resolve_checkpoint(cfg, checkpoint or cfg.evaluate.checkpoint)
     trained = load_trained(uri, cfg.data.uri, cfg.featurize.name)
     samples = load_samples(cfg.data.uri, cfg.evaluate.split, trained.model.settings.max_history)
-    metrics = evaluate_samples(trained.model, samples, trained.features, trained.active,
-                               batch_size=cfg.evaluate.batch_size)
+    table = catalog_tokens(trained.model, trained.features, trained.active)
+    ranks = rank_targets(trained.model, samples, table, batch_size=cfg.evaluate.batch_size, active=trained.active)
+    metrics = {**metrics_from_ranks(ranks), "eval_seconds": time.perf_counter() - t0}
+    write_ranks(cfg.evaluate.out, "speeder", samples.user_id, ranks)
     result = {"checkpoint": uri, "model_version": trained.version, "split": cfg.evaluate.split,
               "stage": trained.meta["stage"], "modalities": trained.active, "metrics": metrics,
               "seconds": time.perf_counter() - t0}

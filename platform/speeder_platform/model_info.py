@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from speeder.backbone import count_parameters
+from speeder.sasrec import SASRec
 from speeder_platform.config import load_config
 from speeder_platform.modeling import DEFAULT_FEATURE_DIMS, build_from_config
 
@@ -10,11 +11,14 @@ from speeder_platform.modeling import DEFAULT_FEATURE_DIMS, build_from_config
 def model_info(name: str, overrides: list[str] | None = None) -> str:
     """A short table: family, d_llm, layers, prompt template cost, total / trainable parameters."""
     cfg = load_config(None, [f"model.backbone={name}", *[f"model.{o}" for o in overrides or []]])
-    model = build_from_config(cfg.model, DEFAULT_FEATURE_DIMS)
+    # A stand-in for featurize's SASRec (frozen, read for the user state): its weights are not Speeder's.
+    encoder = SASRec(num_items=1, hidden_size=DEFAULT_FEATURE_DIMS["sequence"])
+    model = build_from_config(cfg.model, DEFAULT_FEATURE_DIMS, sequence_encoder=encoder)
     backbone = model._backbone
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    speeder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
-    total = count_parameters(model)
+    speeder = sum(p.numel() for n, p in model.named_parameters()
+                  if not n.startswith(("backbone.", "sequence_encoder.")))
+    total = count_parameters(model) - count_parameters(encoder)
     rows = [
         ("backbone", name),
         ("family", backbone.family),

@@ -31,7 +31,8 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         sequence_skip=model.sequence_skip,
         distill_weight=model.distill_weight,
         readout_skip=model.readout_skip,
-        sequence_user=model.sequence_user,
+        # Without sequence features (featurize.sasrec.epochs=0) there is no SASRec to read a user state from.
+        sequence_user=model.sequence_user and feature_dims.get("sequence", 0) > 0,
     )
 
 
@@ -43,20 +44,25 @@ def sequence_encoder_from(features_dir: str) -> nn.Module:
 
     directory = sasrec_dir(features_dir)
     if not storage.exists(storage.join(directory, SASREC_META)):
-        raise FileNotFoundError(f"no trained SASRec in {directory} (model.sequence_user and model.distill_weight "
-                                "need it; featurize trains it unless featurize.sasrec.epochs=0)")
+        raise FileNotFoundError(f"no trained SASRec in {directory}: model.sequence_user and model.distill_weight "
+                                "read featurize's SASRec (featurize trains it unless featurize.sasrec.epochs=0; "
+                                "or set model.sequence_user=false)")
     return load_sasrec(directory)[0]
 
 
 def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: int = 0,
-                      features_dir: str | None = None) -> SpeederModel:
-    """Backbone + LoRA + Speeder parts as the config says, initialised from `seed`. features_dir
-    (features/<name>) is needed when the model reads featurize's SASRec (model.sequence_user)."""
-    if model.sequence_user and features_dir is None:
-        raise ValueError("model.sequence_user: build_from_config needs the features folder")
+                      features_dir: str | None = None, sequence_encoder: nn.Module | None = None) -> SpeederModel:
+    """Backbone + LoRA + Speeder parts as the config says, initialised from `seed`. A model that reads
+    featurize's SASRec (model.sequence_user, with sequence features) takes it from features_dir
+    (features/<name>), or from `sequence_encoder` when given."""
+    settings = settings_from_config(model, feature_dims)
+    if settings.sequence_user and sequence_encoder is None:
+        if features_dir is None:
+            raise ValueError("model.sequence_user: build_from_config needs the features folder (its SASRec)")
+        sequence_encoder = sequence_encoder_from(features_dir)
     speeder = build_model(
         model.backbone,
-        settings_from_config(model, feature_dims),
+        settings,
         lora_r=model.lora.r,
         lora_alpha=model.lora.alpha,
         lora_dropout=model.lora.dropout,
@@ -64,7 +70,7 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
         num_layers=model.num_layers,
         dtype=model.dtype,
         seed=seed,
-        sequence_encoder=sequence_encoder_from(features_dir) if model.sequence_user else None,
+        sequence_encoder=sequence_encoder if settings.sequence_user else None,
     )
     if model.gradient_checkpointing:
         speeder.backbone.gradient_checkpointing_enable()

@@ -51,24 +51,39 @@ def _save(fig: Any, path: str) -> None:
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
-    """Training loss per step, one line per run, stages one after the other (boundaries dotted).
+    """Training loss per step, one line per run, stages one after the other (boundaries dotted), and
+    validation HR@1 points on a second axis where stages carry them.
 
-    runs: name -> stages [{"stage", "name", "curve": [{"step", "loss"}, ...]}], steps counted per stage.
+    runs: name -> stages [{"stage", "name", "curve": [{"step", "loss"}, ...], "valid_points" (optional):
+    [{"step", "hr@1"}, ...]}], steps counted per stage.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    right = None
     for name, stages in runs.items():
-        xs, ys, offset = [], [], 0
+        xs, ys, vx, vy, offset = [], [], [], [], 0
         for stage in stages:
             for point in stage["curve"]:
                 xs.append(offset + point["step"])
                 ys.append(point["loss"])
+            for point in stage.get("valid_points") or []:
+                vx.append(offset + point["step"])
+                vy.append(point["hr@1"])
             offset += stage["curve"][-1]["step"] if stage["curve"] else 0
             if name == next(iter(runs)) and stage is not stages[-1]:
                 ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        line, = ax.plot(xs, ys, marker="o", markersize=2, linewidth=1, label=f"{name}: training loss")
+        if vx:
+            right = right or ax.twinx()
+            right.plot(vx, vy, marker="s", markersize=6, linestyle="--", color=line.get_color(),
+                       label=f"{name}: valid HR@1 (20 cand.)")
     ax.set(xlabel="optimiser step (stages in order; dotted: stage boundary)", ylabel="training loss", title=title)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if right is not None:
+        right.set_ylabel("validation HR@1")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     _save(fig, path)
 
 
@@ -106,25 +121,31 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def stage_curves(stage_dir: str) -> list[dict[str, Any]]:
-    """Per-step loss points of one stage, from its checkpoints' meta.json.
+def stage_curves(stage_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-step loss points and validation points of one stage, from its checkpoints' meta.json.
 
     A checkpoint's loop state holds `loss_curve` ([{"step", "loss"}]: the mean loss of every
     trainer.log_every steps); a checkpoint without one gives one point, its epoch's mean train loss.
+    Every epoch-end checkpoint gives a validation point [{"step", "hr@1"}] (mid-epoch ones have none).
     """
     if not storage.exists(stage_dir):
-        return []
+        return [], []
     points: dict[int, float] = {}
+    valid: dict[int, float] = {}
     for name in storage.listdir(stage_dir):
         meta = _read_json(storage.join(stage_dir, name, "meta.json")) if name.startswith("checkpoint_") else None
         if meta is None:
             continue
         for point in (meta.get("train_state") or {}).get("loss_curve") or []:
             points[int(point["step"])] = float(point["loss"])
-        loss = meta.get("metrics", {}).get("train_loss")
+        metrics = meta.get("metrics", {})
+        loss = metrics.get("train_loss")
         if loss is not None and loss == loss:  # not NaN
             points.setdefault(int(meta["step"]), float(loss))
-    return [{"step": s, "loss": points[s]} for s in sorted(points)]
+        if metrics.get("valid_hr1", -1.0) >= 0:
+            valid[int(meta["step"])] = float(metrics["valid_hr1"])
+    return ([{"step": s, "loss": points[s]} for s in sorted(points)],
+            [{"step": s, "hr@1": valid[s]} for s in sorted(valid)])
 
 
 def collect(cfg: Any) -> dict[str, Any]:
@@ -135,13 +156,14 @@ def collect(cfg: Any) -> dict[str, Any]:
     stages = (_read_json(storage.join(root, STAGES_FILE)) or {}).get("stages", [])
     for stage in stages:
         # Each stage is its own Ray Train run; its steps count from 0.
-        stage["curve"] = stage_curves(storage.join(cfg.trainer.storage_path,
-                                                   f"{cfg.trainer.run_name}-stage{stage['stage']}"))
+        stage["curve"], stage["valid_points"] = stage_curves(
+            storage.join(cfg.trainer.storage_path, f"{cfg.trainer.run_name}-stage{stage['stage']}"))
     return {
         "summary": _read_json(storage.join(cfg.output_root, "job_summary.json")),
         "stages": stages,
         "metrics": _read_json(storage.join(cfg.evaluate.out, "metrics.json")),
         "baselines": _read_json(storage.join(cfg.evaluate.out, "baselines.json")),
+        "diagnosis": _read_json(storage.join(cfg.evaluate.out, "diagnose.json")),
     }
 
 
@@ -195,6 +217,56 @@ def scores_sample(cfg: Any, score: dict[str, Any], users: int = 3, k: int = 5) -
     return "\n".join(lines)
 
 
+RESULT_MODELS = (("speeder", None), ("sasrec", "SASRec"), ("popularity", "Popularity"))
+
+
+def paired_speeder_sasrec(evaluate_out: str) -> dict[str, Any] | None:
+    """Speeder minus SASRec on HR@1 (20 candidates), paired over the users both ranked, with its 95% interval;
+    None when either model's per-user ranks are missing."""
+    import numpy as np
+
+    from speeder.metrics import paired_difference
+    from speeder_platform.baselines_eval import read_ranks
+
+    a, b = read_ranks(evaluate_out, "speeder"), read_ranks(evaluate_out, "sasrec")
+    if a is None or b is None:
+        return None
+    users, ia, ib = np.intersect1d(a["user_id"], b["user_id"], return_indices=True)
+    mean, half = paired_difference(a["candidates"][ia], b["candidates"][ib])
+    return {"hr@1": mean, "ci95": [mean - half, mean + half], "users": int(len(users))}
+
+
+def results(data: dict[str, Any], evaluate_out: str) -> dict[str, Any]:
+    """results.json: per model (speeder, sasrec, popularity) the headline figures, and the paired interval."""
+    rows: dict[str, dict[str, float] | None] = {
+        "speeder": (data["metrics"] or {}).get("metrics"),
+        **{key: ((data["baselines"] or {}).get("models") or {}).get(name) for key, name in RESULT_MODELS[1:]}}
+    models = {key: {"hr@1": m["cand_hr@1"], "hr@10_full": m["full_hr@10"], "ndcg@10_full": m["full_ndcg@10"],
+                    "valid_ratio": m["cand_valid_ratio"], "test_users": int(m["cand_samples"])}
+              for key, m in rows.items() if m}
+    out: dict[str, Any] = {"split": (data["metrics"] or {}).get("split"), "models": models,
+                           "speeder_minus_sasrec": paired_speeder_sasrec(evaluate_out)}
+    if data["metrics"]:
+        out["speeder_version"] = data["metrics"].get("model_version")
+    return out
+
+
+def comparison_text(res: dict[str, Any]) -> str:
+    """One paragraph: Speeder against SASRec, with the paired interval."""
+    m = res["models"]
+    if "speeder" not in m or "sasrec" not in m:
+        return ""
+    s, r = m["speeder"], m["sasrec"]
+    text = (f"Speeder HR@1 {s['hr@1']:.4f} vs SASRec {r['hr@1']:.4f}; NDCG@10 (full) {s['ndcg@10_full']:.4f} vs "
+            f"{r['ndcg@10_full']:.4f}.")
+    pair = res.get("speeder_minus_sasrec")
+    if pair:
+        lo, hi = pair["ci95"]
+        text += (f" Paired over the same {pair['users']:,} users, Speeder minus SASRec on HR@1 is {pair['hr@1']:+.4f} "
+                 f"(95% interval {lo:+.4f} to {hi:+.4f}).")
+    return text
+
+
 def accuracy_rows(data: dict[str, Any]) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     if data["metrics"]:
@@ -234,6 +306,13 @@ def render(cfg: Any, data: dict[str, Any], command: list[str], out: str) -> str:
         users = next(iter(rows.values())).get("cand_samples", 0)
         lines += [f"## Accuracy, {cfg.evaluate.split} split ({users:,} users, same candidates for every model)", "",
                   metrics_table(rows), "", "![accuracy](accuracy.png)", ""]
+    res = data.get("results")
+    if res and comparison_text(res):
+        lines += [comparison_text(res), "", "Machine-readable: `results.json` beside this report.", ""]
+    if data.get("diagnosis"):
+        from speeder_platform.diagnose import diagnose_table
+
+        lines += ["## Diagnosis of the trained model (`speeder diagnose`)", "", diagnose_table(data["diagnosis"]), ""]
     score = ((summary or {}).get("steps", {}).get("score") or {}).get("result")
     if score and storage.exists(score["partition"]):
         lines += ["## Batch scoring", "", f"{score['users_scored']:,} users scored (top-{score['k']}) by "
@@ -245,8 +324,11 @@ def render(cfg: Any, data: dict[str, Any], command: list[str], out: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(config: str, overrides: list[str], out: str | None = None, baselines: bool = True) -> str:
-    """Collect a finished job's outputs and write report.md + plots; returns the report's URI."""
+def write_report(config: str, overrides: list[str], out: str | None = None, baselines: bool = True,
+                 diagnose: bool = True) -> str:
+    """Collect a finished job's outputs and write report.md, results.json and plots; returns the report's URI.
+
+    Baselines (popularity, SASRec) and the diagnosis are computed when the job did not write them."""
     from speeder_platform.config import load_config
 
     cfg = load_config(config, overrides)
@@ -258,6 +340,12 @@ def write_report(config: str, overrides: list[str], out: str | None = None, base
         from speeder_platform.baselines_eval import run_baselines
 
         data["baselines"] = run_baselines(cfg)
+    if data["diagnosis"] is None and diagnose and data["metrics"]:
+        from speeder_platform.diagnose import run_diagnose
+
+        data["diagnosis"] = run_diagnose(cfg, data["metrics"].get("checkpoint"))
+    data["results"] = results(data, cfg.evaluate.out)
+    storage.write_json(storage.join(out, "results.json"), data["results"])
     uri = storage.join(out, "report.md")
     storage.write_bytes(uri, render(cfg, data, ["speeder", "report", config, *overrides], out).encode())
     return uri
@@ -271,7 +359,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="report folder (default <output_root>/report)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="do not compute popularity/SASRec when the job wrote no baselines.json")
+    parser.add_argument("--no-diagnose", action="store_true",
+                        help="do not run `speeder diagnose` when the job wrote no diagnose.json")
     args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    uri = write_report(args.config, args.overrides, args.out, baselines=not args.no_baselines)
+    uri = write_report(args.config, args.overrides, args.out, baselines=not args.no_baselines,
+                       diagnose=not args.no_diagnose)
     sys.stdout.write(f"report: {uri}\n")
     return 0

@@ -62,6 +62,23 @@ def stage_sample_limit(cfg: SpeederConfig, stage_index: int) -> int | None:
     return t.max_train_samples
 
 
+def stage_sample_indices(num_rows: int, count: int, seed: int, stage_index: int) -> np.ndarray:
+    """Row indices of a stage's training samples: `count` rows drawn without replacement, seeded by
+    (seed, stage), so every stage draws fresh samples; more than num_rows repeats seeded permutations.
+    The trainer and `speeder bench quality` draw the same rows for the same stage."""
+    rng = np.random.default_rng([seed, stage_index])
+    first = rng.choice(num_rows, min(count, num_rows), replace=False)
+    more = [rng.permutation(num_rows) for _ in range(-(-max(0, count - num_rows) // num_rows))]
+    return np.concatenate([first, *more])[:count]
+
+
+def steps_per_epoch(samples: int, cfg: SpeederConfig) -> int:
+    """Optimiser steps of one epoch over `samples` (whole batches on every worker, trainer.max_steps_per_epoch)."""
+    t = cfg.trainer
+    steps = max(1, samples // (t.num_workers * t.batch_size))
+    return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
+
+
 def _train_dataset(cfg: SpeederConfig, stage_index: int):
     """One stage's training samples as a materialised Ray Dataset: the whole train split, or a subsample
     seeded by (trainer.seed, stage), so every stage draws fresh samples.
@@ -79,8 +96,7 @@ def _train_dataset(cfg: SpeederConfig, stage_index: int):
         return ray.data.read_parquet(path, filesystem=fs).materialize()
     table = storage.read_table(uri)
     if limit < table.num_rows:
-        rng = np.random.default_rng([cfg.trainer.seed, stage_index])
-        table = table.take(np.sort(rng.choice(table.num_rows, limit, replace=False)))
+        table = table.take(np.sort(stage_sample_indices(table.num_rows, limit, cfg.trainer.seed, stage_index)))
     return ray.data.from_arrow(table).materialize()
 
 
@@ -124,9 +140,7 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
         stage_t0 = time.perf_counter()
         train_ds = _train_dataset(cfg, stage.index)
         n_train = train_ds.count()
-        steps = max(1, n_train // (t.num_workers * t.batch_size))
-        if t.max_steps_per_epoch:
-            steps = min(steps, t.max_steps_per_epoch)
+        steps = steps_per_epoch(n_train, cfg)
         log.info("stage %d (%s): %d samples, %d steps/epoch", stage.index, stage.name, n_train, steps)
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -16,6 +16,7 @@ from speeder_platform import bench_quality_data, storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
 from speeder_platform.bench_quality import main
 from speeder_platform.bench_quality_data import hold_out_items, mask_modality, warm_train_samples
+from speeder_platform.bench_quality_models import VARIANTS
 from speeder_platform.config import to_dict
 from speeder_platform.featurize import features_dir
 from speeder_platform.featurize_seq import sequence_features
@@ -109,14 +110,26 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
     monkeypatch.setattr(bench_quality_data, "ensure_features", write_features)  # no Ray, no encoders
     out = tmp_path / "out"
-    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out), "--steps", "3",
-                 "--batch-size", "8", "--llara-steps", "1", "--llara-eval-users", "4", "--valid-users", "8"]) == 0
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out),
+                 "--set", "trainer.max_train_samples=24", "--set", "trainer.batch_size=8",  # 3 steps per stage
+                 "--llara-steps", "1", "--llara-eval-users", "4", "--valid-users", "8"]) == 0
     results = json.loads((out / "results.json").read_text())
     ds = results["datasets"]["synthetic"]
-    expected = {"Popularity", "SASRec", "Speeder", "no PPT", "no PPL", "no MPO", "text only", "no vision",
-                "no sequence", "LLaRA-style"}
+    expected = {"Popularity", "SASRec", "LLaRA-style", *VARIANTS}
     assert set(ds["models"]) == expected
+    assert ds["spec"] == "jobs/synthetic.yaml" and ds["recipe"]["trainer"]["batch_size"] == 8
+    trained = {name for name, row in ds["models"].items() if "same_as" not in row}
+    assert {"Speeder", "paper's model (no levers)", "no dense loss", "no PPT", "text only"} <= trained
+    speeder_hr1 = ds["models"]["Speeder"]["metrics"]["cand_hr@1"]
+    for name in trained - {"Speeder", "LLaRA-style"}:  # every row paired with the full model, user by user
+        row = ds["models"][name]
+        assert row["vs_speeder"]["users"] == row["test_users"], name
+        assert row["vs_speeder"]["hr@1"] == pytest.approx(row["metrics"]["cand_hr@1"] - speeder_hr1), name
+    assert ds["models"]["LLaRA-style"]["vs_speeder"]["users"] == 4  # paired on the users it answered
     for name, row in ds["models"].items():
+        if name not in trained:
+            assert row["same_as"] in trained, name
+            continue
         m = row["metrics"]
         assert 0.0 <= m["cand_hr@1"] <= 1.0 and 0.0 <= m["cand_valid_ratio"] <= 1.0, name
         if name != "LLaRA-style":
@@ -126,11 +139,10 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     assert [s["stage"] for s in ds["curves"]["Speeder"]] == [1, 2, 3]
     assert [s["stage"] for s in ds["curves"]["text only"]] == [1]
     assert [s["steps"] for s in ds["curves"]["Speeder"]] == [3, 3, 3] and ds["curves"]["no MPO"][0]["steps"] == 9
-    # The same compute for every variant: text only spends all 9 steps in stage 1, no vision ~9 in 2 stages.
+    # The same compute for every variant: text only spends all 9 steps in stage 1, no vision 9 in 2 stages.
     assert [s["steps"] for s in ds["curves"]["text only"]] == [9]
-    assert [s["steps"] for s in ds["curves"]["no vision"]] == [5, 5]
-    content = [s["steps"] for s in ds["curves"]["no sequence"]]  # text + vision: its own MPO stages
-    assert len(set(content)) == 1 and content[0] == -(-9 // len(content))
+    assert [s["steps"] for s in ds["curves"]["no vision"]] == [4, 5]
+    assert [s["steps"] for s in ds["curves"]["no sequence"]] == [4, 5]  # text + vision: stages 1 and 2
     cold = ds["cold_start"]
     assert cold["held_out_items"] == 5 and cold["test_cold"] + cold["test_warm"] == ds["data"]["test"]
     assert set(cold["models"]) == {"Speeder", "Speeder, content tokens only (text + vision)", "SASRec", "Popularity"}
@@ -142,6 +154,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     md = (out / "results.md").read_text()
     for name in expected:
         assert f"| {name} |" in md
+    assert "Recipe: `jobs/synthetic.yaml` with trainer.max_train_samples=24 trainer.batch_size=8" in md
     assert "Cold-start items" in md and "Missing modalities" in md
     for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
         assert (out / png).read_bytes()[:8] == PNG

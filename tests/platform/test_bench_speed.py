@@ -25,6 +25,10 @@ def test_bench_speed_measures_both_systems_and_writes_the_ratios(tmp_path, capsy
     assert s["tokens_per_sample"] < 60 < 3 * s["tokens_per_sample"] < b["tokens_per_sample"]
     assert report["tokens_per_sample"]["ratio"] == pytest.approx(b["tokens_per_sample"] / s["tokens_per_sample"])
     assert report["train_speedup"] == pytest.approx(s["train_samples_per_s"] / b["train_samples_per_s"])
+    # With the dense loss every history slot is a supervised target too: ~history length + 1 per sample.
+    assert b["targets_per_sample"] == 1.0 and s["targets_per_sample"] > 5
+    assert report["train_targets_speedup"] == pytest.approx(s["train_targets_per_s"] / b["train_targets_per_s"])
+    assert "supervised next-item targets/s" in printed
     assert report["infer_speedup"] == pytest.approx(
         s["infer_candidates_users_per_s"] / b["infer_candidates_users_per_s"])
     for system in (s, b):

@@ -59,3 +59,19 @@ def test_round_trip_through_plain_dict() -> None:
     cfg = load_config(None, ["trainer.epochs=5", "output_root=/x"])
     again = from_dict(to_dict(cfg))
     assert again == cfg
+
+
+def test_model_defaults_are_the_model_packages_defaults() -> None:
+    """One recipe: a model built from the platform's defaults equals one built from speeder's own."""
+    import dataclasses
+
+    from speeder.model import SpeederSettings
+    from speeder_platform.modeling import settings_from_config
+
+    dims = {"text": 8, "vision": 0, "sequence": 4}
+    # sequence_user needs featurize's SASRec, which the platform has and a bare SpeederSettings does not.
+    assert settings_from_config(load_config().model, dims) == SpeederSettings(feature_dims=dims, sequence_user=True)
+    assert not settings_from_config(load_config().model, {**dims, "sequence": 0}).sequence_user
+    assert {f.name for f in dataclasses.fields(SpeederSettings)} - {"feature_dims"} <= {
+        f.name for f in dataclasses.fields(load_config().model)} | {"mrc_hidden", "mrc_layers", "mrc_heads",
+                                                                      "mrc_dropout"}

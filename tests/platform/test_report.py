@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from speeder import schema
 from speeder_platform import storage
+from speeder_platform.baselines_eval import read_ranks, write_ranks
 from speeder_platform.config import to_dict, to_yaml
 from speeder_platform.featurize import features_dir
 from speeder_platform.featurize_seq import sequence_features
 from speeder_platform.report import main, stage_curves
 from speeder_platform.score import SCORES_SCHEMA, partition_uri
+from speeder_platform.tables import split_uri
 from speeder_platform.train import STAGES_FILE, run_uri
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
 
@@ -35,12 +38,15 @@ def write_fake_job(root: pathlib.Path) -> tuple[str, object]:
         ckpt = storage.join(cfg.trainer.storage_path, f"fake-stage{index}", "checkpoint_0")
         storage.write_json(storage.join(ckpt, "meta.json"), {
             "stage": index, "step": 20, "metrics": {"train_loss": loss, "valid_hr1": 0.2},
-            "loss_curve": [{"step": s, "loss": loss + 1 - s / 20} for s in (5, 10, 15, 20)]})
+            "train_state": {"loss_curve": [{"step": s, "loss": loss + 1 - s / 20} for s in (5, 10, 15, 20)]}})
         stages.append({"stage": index, "name": name, "checkpoint": ckpt, "modalities": ["text"], "seconds": 40.0,
                        "metrics": {"valid_hr1": 0.2, "valid_hr10": 0.4, "samples_per_s": 55.0, "epoch": 1}})
     storage.write_json(storage.join(run_uri(cfg), STAGES_FILE), {"stages": stages})
     storage.write_json(storage.join(cfg.evaluate.out, "metrics.json"),
                        {"model_version": "fake/stage3/step20", "metrics": METRICS, "split": "test"})
+    test_users = storage.read_table(split_uri(cfg.data.uri, "test")).column(schema.USER_ID).to_numpy()
+    ranks = np.zeros(len(test_users), np.int64)  # every target first: HR@1 = 1 for the paired figure
+    write_ranks(cfg.evaluate.out, "speeder", test_users, {"candidates": ranks, "full": ranks})
     partition = partition_uri(cfg.score.out, "2026-01-02")
     users = [0, 1, 2, 3]
     storage.write_table(pa.table({schema.USER_ID: pa.array(users, pa.int64()),
@@ -65,7 +71,7 @@ def write_fake_job(root: pathlib.Path) -> tuple[str, object]:
 
 def test_report_shows_time_curves_accuracy_and_the_ui_command(tmp_path) -> None:
     spec, cfg = write_fake_job(tmp_path)
-    assert main([spec]) == 0
+    assert main([spec, "--no-diagnose"]) == 0  # the fake job has no loadable checkpoint to diagnose
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.rstrip().endswith(f"speeder ui {spec}\n```")
     at = [report.index(f"| {step} | ") for step in ("prepare", "featurize", "train", "evaluate", "score")]
@@ -81,17 +87,31 @@ def test_report_shows_time_curves_accuracy_and_the_ui_command(tmp_path) -> None:
     assert "4 users scored (top-3)" in report and "| 0 |" in report
     for png in ("time.png", "accuracy.png", "training_curves.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == PNG
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert set(results["models"]) == {"speeder", "sasrec", "popularity"}
+    for row in results["models"].values():
+        assert set(row) == {"hr@1", "hr@10_full", "ndcg@10_full", "valid_ratio", "test_users"}
+        assert row["test_users"] == 60
+    sasrec = read_ranks(cfg.evaluate.out, "sasrec")  # written by the baselines, one rank per test user
+    pair = results["speeder_minus_sasrec"]
+    expected = 1.0 - float((sasrec["candidates"] == 0).mean())
+    assert pair["users"] == 60 and pair["hr@1"] == pytest.approx(expected)
+    assert pair["ci95"][0] <= pair["hr@1"] <= pair["ci95"][1]
+    assert "Paired over the same 60 users" in report
 
 
 def test_stage_curves_read_checkpoint_meta(tmp_path) -> None:
     stage = tmp_path / "run-stage1"
-    for step, loss, curve in ((10, 4.0, None), (20, 3.0, [{"step": 15, "loss": 3.5}, {"step": 20, "loss": 2.9}])):
-        meta = {"step": step, "metrics": {"train_loss": loss}, **({"loss_curve": curve} if curve else {})}
+    for step, loss, valid, curve in ((10, 4.0, -1.0, None),
+                                     (20, 3.0, 0.3, [{"step": 15, "loss": 3.5}, {"step": 20, "loss": 2.9}])):
+        meta = {"step": step, "metrics": {"train_loss": loss, "valid_hr1": valid},
+                **({"train_state": {"loss_curve": curve}} if curve else {})}
         storage.write_json(str(stage / f"checkpoint_{step}" / "meta.json"), meta)
     (stage / "checkpoint_30").mkdir()  # incomplete: no meta.json
-    assert stage_curves(str(stage)) == [{"step": 10, "loss": 4.0}, {"step": 15, "loss": 3.5},
-                                        {"step": 20, "loss": 2.9}]
-    assert stage_curves(str(tmp_path / "missing")) == []
+    curve, valid = stage_curves(str(stage))
+    assert curve == [{"step": 10, "loss": 4.0}, {"step": 15, "loss": 3.5}, {"step": 20, "loss": 2.9}]
+    assert valid == [{"step": 20, "hr@1": 0.3}]  # the mid-epoch checkpoint (-1) has no validation
+    assert stage_curves(str(tmp_path / "missing")) == ([], [])
 
 
 def test_report_without_a_job_fails_clearly(tmp_path) -> None:

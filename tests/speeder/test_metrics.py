@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,3 +41,15 @@ def test_protocol_summaries() -> None:
 def test_empty_inputs_are_zero() -> None:
     assert metrics.hit_rate([], 10) == 0.0
     assert metrics.valid_hit_rate_at_1([-1, -1]) == 0.0
+
+
+def test_paired_difference_and_its_interval() -> None:
+    a = [0, 0, 0, 3, -1, 0]  # hits: 1 1 1 0 0 1
+    b = [0, 2, 5, 0, 0, 1]  # hits: 1 0 0 1 1 0
+    diff = np.array([0, 1, 1, -1, -1, 1], dtype=float)
+    mean, half = metrics.paired_difference(a, b)
+    assert mean == pytest.approx(diff.mean())
+    assert half == pytest.approx(1.96 * diff.std(ddof=1) / math.sqrt(6))
+    assert metrics.paired_difference(a, a) == (0.0, 0.0)  # a model against itself: no difference, no doubt
+    with pytest.raises(ValueError, match="different lengths"):
+        metrics.paired_difference([0], [0, 1])

@@ -40,7 +40,23 @@ def write_random_features(dataset: str, name: str = "default", dims: tuple[int, 
     })
     uri = features_uri(dataset, name)
     storage.write_table(table, uri)
+    write_random_sasrec(dataset, name, n, dims[2], seed)
     return uri
+
+
+def write_random_sasrec(dataset: str, name: str, num_items: int, hidden: int, seed: int = 0) -> None:
+    """An untrained SASRec where featurize keeps its own (features/<name>/sasrec), for the model's sequence
+    user state: tests of the plumbing need one of the right size, not a trained one."""
+    import torch
+
+    from speeder.sasrec import SASRec
+    from speeder_platform.featurize_seq import sasrec_dir, save_sasrec
+    from speeder_platform.tables import features_folder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SASRec(num_items, hidden_size=hidden, num_heads=2, max_length=50)
+    save_sasrec(model, sasrec_dir(features_folder(dataset, name)), {"settings": {}, "stats": []})
 
 
 def tiny_config(output_root: str, *overrides: str):
@@ -58,10 +74,11 @@ def write_checkpoint(cfg, directory: str, stage: int = 3, seed: int = 0) -> str:
     from speeder_platform.config import to_dict
     from speeder_platform.lineage import checkpoint_record, committed_features
     from speeder_platform.modeling import build_from_config
-    from speeder_platform.tables import available_modalities, load_item_features
+    from speeder_platform.tables import available_modalities, features_folder, load_item_features
 
     features = load_item_features(cfg.data.uri, cfg.featurize.name)
-    model = build_from_config(cfg.model, features.dims(), seed=seed)
+    model = build_from_config(cfg.model, features.dims(), seed=seed,
+                              features_dir=features_folder(cfg.data.uri, cfg.featurize.name))
     active = [m for m in ("text", "vision", "sequence") if m in available_modalities(features)]
     save_checkpoint(directory, model, {"stage": stage, "stage_name": "test", "step": 0, "epoch": 0,
                                        "modalities": active, "config": to_dict(cfg),

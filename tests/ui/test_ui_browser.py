@@ -1,10 +1,10 @@
 """End to end in a real browser: headless Debian Chromium (playwright) drives the Gradio demo.
 
 The demo runs in-process on a free loopback port with two tiny checkpoints side by side (A: stage 3,
-B: stage 1). The test searches a title, adds it to the history, reads the top-K from the page, adds a
-second item and sees the recommendations change, loads a test user and reads the hit verdict. Every
-request the page makes must stay on 127.0.0.1. A screenshot is written to
-test-artifacts/ui-recommendations.png.
+B: stage 1) and the baselines' lists (a SASRec, popularity) beside them. The test searches a title,
+adds it to the history, reads the top-K from the page, adds a second item and sees the recommendations
+change, loads a test user and reads the hit verdict. Every request the page makes must stay on
+127.0.0.1. A screenshot is written to test-artifacts/ui-recommendations.png.
 """
 
 from __future__ import annotations
@@ -36,10 +36,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory):
+    import torch
     import uvicorn
 
+    from speeder.sasrec import SASRec
+    from speeder_platform.baselines_eval import (
+        popularity_from_sequences,
+        popularity_scorer,
+        sasrec_scorer,
+        train_item_counts,
+    )
     from speeder_platform.recommender import Limits, Recommender, load_test_users
-    from speeder_ui.app import LocalBackend, create_app
+    from speeder_ui.app import BaselineBackend, LocalBackend, create_app
 
     root = tmp_path_factory.mktemp("ui")
     data = prepare_synthetic(str(root / "data"))
@@ -49,6 +57,12 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
     stage1 = write_checkpoint(cfg, str(root / "stage1"), stage=1, seed=1)
     backends = [LocalBackend(Recommender.from_checkpoint(stage3, limits=Limits(max_k=20)), "A"),
                 LocalBackend(Recommender.from_checkpoint(stage1, limits=Limits(max_k=20)), "B")]
+    sequences, n = train_item_counts(data)
+    popularity = popularity_from_sequences(sequences, n)
+    torch.manual_seed(0)
+    backends += [BaselineBackend("SASRec", "tiny", sasrec_scorer(SASRec(n, hidden_size=8, max_length=10)),
+                                 backends[0], n),
+                 BaselineBackend("Popularity", "train counts", popularity_scorer(popularity), backends[0], n)]
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(backends, load_test_users(data)), host="127.0.0.1",
                                            port=port, log_level="warning"))
@@ -59,7 +73,7 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
         assert time.time() < deadline, "the demo did not start"
         time.sleep(0.1)
     try:
-        yield f"http://127.0.0.1:{port}", backends[0].rec
+        yield f"http://127.0.0.1:{port}", backends[0].rec, popularity
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -75,7 +89,7 @@ def _recs(page, model: str) -> list[dict]:
 def test_search_recommend_compare_in_chromium(demo_url) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    url, rec = demo_url
+    url, rec, popularity = demo_url
     mug = next(i for i, t in enumerate(rec.titles) if t.startswith("Mug"))
     other = next(i for i, t in enumerate(rec.titles) if t.startswith("Lamp"))
     requests: list[str] = []
@@ -103,6 +117,12 @@ def test_search_recommend_compare_in_chromium(demo_url) -> None:
             expected = rec.recommend([[mug]], k=10)[0]
             assert [r["id"] for r in first] == [r["item_id"] for r in expected]
             expect(page.locator('.speeder-recs[data-model="B"] li.rec-item')).to_have_count(10)
+            # The baselines' lists for the same history, beside Speeder's.
+            expect(page.locator('.speeder-recs[data-model="SASRec"] li.rec-item')).to_have_count(10)
+            popular = [r["id"] for r in _recs(page, "Popularity")]
+            counts = popularity.counts.clone()
+            counts[mug] = -1  # history items are excluded for every model
+            assert popular == counts.topk(10).indices.tolist()
 
             # Real-time feedback: one more item in the history, new recommendations, no retraining.
             page.get_by_label("Search titles").fill(rec.titles[other])

@@ -3,9 +3,12 @@
     speeder ui jobs/smoke.yaml                                   # in-process: the run's final checkpoint
     speeder ui jobs/smoke.yaml --compare stage1                  # side by side with stage 1's best checkpoint
     speeder ui --endpoint http://127.0.0.1:8000 jobs/smoke.yaml  # through a running `speeder serve`
+    speeder ui jobs/demo.yaml --no-baselines                     # Speeder alone (no SASRec / popularity lists)
 
-Every change to the history (a test user loaded, an item added) re-asks both models at once: the
-feedback is immediate, no retraining. The page is served on 127.0.0.1 with item images from the
+Beside Speeder's list the demo shows SASRec's (featurize's, the model whose item embeddings Speeder
+reads) and popularity's for the same history, so a person sees what Speeder adds. Every change to
+the history (a test user loaded, an item added) re-asks every model at once: the feedback is
+immediate, no retraining. The page is served on 127.0.0.1 with item images from the
 dataset through the app's own `/items/{id}/image` route; no font, script or image comes from a CDN,
 and Gradio's analytics and Hugging Face lookups are off.
 """
@@ -128,6 +131,70 @@ class HttpBackend:
 
     def metadata(self) -> dict[str, Any]:
         return self._json(self.http.get("/metadata"))
+
+
+class BaselineBackend:
+    """A baseline scorer over the same catalog (SASRec, popularity): scores every item for a history and
+    takes items' titles and images from Speeder's backend, so the lists look alike."""
+
+    def __init__(self, label: str, version: str, scorer: Any, catalog: Backend, num_items: int) -> None:
+        self.label = label
+        self.version = version
+        self.scorer = scorer  # history (B, H) left-padded with -1 -> scores (B, N)
+        self.catalog = catalog
+        self.num_items = num_items
+
+    def recommend(self, history: list[int], k: int, exclude_history: bool) -> list[dict[str, Any]]:
+        import torch
+
+        bad = [i for i in history if not 0 <= int(i) < self.num_items]
+        if bad:
+            raise RequestError("history", f"unknown item id {bad[0]} (the catalog has ids 0..{self.num_items - 1})")
+        with torch.no_grad():
+            scores = self.scorer(torch.tensor([history], dtype=torch.long))[0].float()  # (N,)
+        if exclude_history:
+            scores[torch.tensor(history, dtype=torch.long)] = float("-inf")
+        values, index = scores.topk(min(k, self.num_items - (len(set(history)) if exclude_history else 0)))
+        return [{**self.catalog.item(int(i)), "rank": r + 1, "score": float(v)}
+                for r, (v, i) in enumerate(zip(values.tolist(), index.tolist(), strict=True))]
+
+    def search(self, q: str, limit: int) -> list[dict[str, Any]]:
+        return self.catalog.search(q, limit)
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        return self.catalog.item(item_id)
+
+    def image(self, item_id: int) -> tuple[bytes, str] | None:
+        return self.catalog.image(item_id)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model_version": self.version, "num_items": self.num_items, "modalities": []}
+
+
+def baseline_backends(cfg: Any, catalog: Backend) -> list[Backend]:
+    """SASRec (featurize's, as trained for the sequence features) and popularity (train interactions) on
+    the config's dataset; SASRec is left out when the features hold none."""
+    from speeder_platform import storage
+    from speeder_platform.baselines_eval import (
+        popularity_from_sequences,
+        popularity_scorer,
+        sasrec_scorer,
+        train_item_counts,
+    )
+    from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+    from speeder_platform.tables import features_folder
+
+    sequences, num_items = train_item_counts(cfg.data.uri)
+    out: list[Backend] = []
+    directory = sasrec_dir(features_folder(cfg.data.uri, cfg.featurize.name))
+    if storage.exists(storage.join(directory, SASREC_META)):
+        sasrec, meta = load_sasrec(directory)
+        epochs = len(meta.get("stats") or [])
+        out.append(BaselineBackend("SASRec", f"featurize's SASRec, {epochs} epochs", sasrec_scorer(sasrec), catalog,
+                                   num_items))
+    out.append(BaselineBackend("Popularity", "train interactions per item",
+                               popularity_scorer(popularity_from_sequences(sequences, num_items)), catalog, num_items))
+    return out
 
 
 # -- rendering (plain HTML, escaped; images from this app's own route) ------------------------------
@@ -306,8 +373,10 @@ def _backend(spec: str | None, cfg: Any, label: str) -> Backend:
 
 def run_ui(config: str | None = None, overrides: list[str] | None = None, endpoint: str | None = None,
            checkpoint: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
-           port: int = 7860) -> int:
-    """`speeder ui`: build the backends, then serve the demo on host:port until Ctrl-C."""
+           port: int = 7860, baselines: bool = True) -> int:
+    """`speeder ui`: build the backends, then serve the demo on host:port until Ctrl-C.
+
+    baselines: SASRec's and popularity's lists beside Speeder's (needs the config's dataset)."""
     import uvicorn
 
     from speeder_platform.config import load_config
@@ -319,6 +388,11 @@ def run_ui(config: str | None = None, overrides: list[str] | None = None, endpoi
     backends = [_backend(endpoint or checkpoint, cfg, "A")]
     if compare:
         backends.append(_backend(compare, cfg, "B"))
+    if baselines and config:
+        try:
+            backends += baseline_backends(cfg, backends[0])
+        except (OSError, ValueError) as err:
+            log.warning("no baseline lists (%s)", err)
     dataset = cfg.data.uri if config else backends[0].metadata().get("dataset")
     try:
         test_users = load_test_users(dataset) if dataset else {}
