@@ -10,7 +10,9 @@ whatever a run writes goes through `redact` first:
   not TOKENIZERS_PARALLELISM) in an `env_vars` / `env` mapping;
 - any string equal to, or containing, the value of a secret-like variable of this process's
   environment (an AWS key pasted into some other field);
-- the password of a URL with credentials in it (`https://user:pw@host`).
+- the password of a URL with credentials in it (`https://user:pw@host`);
+- the value of a dotlist override that sets a secret-like env var (`runtime_env.env_vars.MY_TOKEN=...`),
+  as a command line written into a report carries it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "S
 ENV_MAPPINGS = ("env_vars", "env")  # mappings whose keys are environment variable names
 MIN_SECRET_CHARS = 8  # shorter values ("1", "false") are settings, and replacing them everywhere would garble
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:)[^/\s@]+(?P<tail>@)")
+# A dotlist override that sets an env var, as a command line carries it: runtime_env.env_vars.MY_TOKEN=value
+_ENV_OVERRIDE = re.compile(r"(?P<head>(?:^|\.)(?:env_vars|env)\.(?P<name>[A-Za-z_][\w.-]*)=)(?P<value>\S+)")
 
 
 def is_secret_name(name: str) -> bool:
@@ -47,6 +51,7 @@ def _redact_string(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    text = _ENV_OVERRIDE.sub(lambda m: m["head"] + (REDACTED if is_secret_name(m["name"]) else m["value"]), text)
     return _URL_PASSWORD.sub(rf"\g<head>{REDACTED}\g<tail>", text)
 
 

@@ -51,6 +51,13 @@ def test_redact_env_vars_values_in_the_environment_and_url_passwords() -> None:
     assert obj["runtime_env"]["env_vars"]["MY_TOKEN"] == "abc"  # a copy: the config itself is untouched
 
 
+def test_redact_a_command_line_with_secret_overrides() -> None:
+    command = ["speeder", "report", "jobs/smoke.yaml", "runtime_env.env_vars.MY_TOKEN=abc123",
+               "runtime_env.env_vars.LEVEL=debug", "score.k=5"]
+    assert redact(command, {}) == ["speeder", "report", "jobs/smoke.yaml", f"runtime_env.env_vars.MY_TOKEN={REDACTED}",
+                                   "runtime_env.env_vars.LEVEL=debug", "score.k=5"]
+
+
 def test_workers_never_get_credentials_through_a_runtime_env(monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE0000")
