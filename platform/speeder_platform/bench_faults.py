@@ -100,7 +100,7 @@ def run_faults(names: list[str], keep: bool = False) -> list[dict[str, Any]]:
     """Run scenarios in one workspace on an embedded local Ray; clean everything up afterwards."""
     import ray
 
-    from speeder_platform.bench_faults_env import Workspace
+    from speeder_platform.bench_faults_env import Workspace, bench_credentials
     from speeder_platform.serve_proxy import install_proxy_hook
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is 15-35x faster on 2 cores
@@ -109,7 +109,8 @@ def run_faults(names: list[str], keep: bool = False) -> list[dict[str, Any]]:
     ws = Workspace()
     log.info("fault scenarios %s in %s", ", ".join(names), ws.root)
     try:
-        return [run_one(name, ws) for name in names]
+        with bench_credentials():  # the S3 scenarios' workers inherit them from the Ray started inside
+            return [run_one(name, ws) for name in names]
     finally:
         ws.close(keep_root=keep)
         if started_ray and ray.is_initialized():

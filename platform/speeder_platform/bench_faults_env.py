@@ -33,7 +33,7 @@ TINY = ("model.max_history=8", "model.mrc.hidden_size=32", "model.mrc.num_layers
         "prepare.synthetic.num_users=60", "prepare.synthetic.num_items=80", "prepare.synthetic.image_size=16",
         "prepare.max_history=8", "score.k=5", "score.batch_size=16", "score.actor_num_cpus=0.5",
         "serve.replica_num_cpus=0.5")
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto takes any
 
 
 def outcome(scenario: str, injected: str, observed: str, *, data_lost: bool, passed: bool, started: float,
@@ -85,19 +85,32 @@ class S3Server:
 
     @contextmanager
     def environment(self) -> Iterator[None]:
-        """AWS_* variables pointing at this server, restored after. (Workers of a Ray started earlier get the
-        endpoint through worker_env but never the keys: moto accepts their unsigned requests.)"""
-        saved = {k: os.environ.get(k) for k in S3_ENV}
-        os.environ.update(AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
-        try:
+        """AWS_* variables pointing at this server, restored after. (Ray workers get the endpoint through
+        worker_env but never the keys: they need `bench_credentials` from before Ray started.)"""
+        with _environ(AWS_ENDPOINT_URL=self.endpoint, AWS_REGION="us-east-1", **TEST_CREDENTIALS):
             yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+
+
+@contextmanager
+def bench_credentials() -> Iterator[None]:
+    """The test server's credentials in the environment, restored after. Start Ray inside: its workers
+    inherit them, as cluster nodes get theirs from an instance profile; no runtime_env carries keys."""
+    with _environ(**TEST_CREDENTIALS):
+        yield
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Workspace:

@@ -257,7 +257,7 @@ def _twice_at_once(ws: Workspace, out: str, users: int) -> dict[str, Any]:
         try:
             run_score(cfg)
         except Exception as err:  # noqa: BLE001 - a failed run is what the scenario reports
-            errors[name] = f"{type(err).__name__}: {err}"
+            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
 
     with MeetAtCommit():
         threads = [threading.Thread(target=run, args=(name,), name=name) for name in runs]
@@ -290,13 +290,13 @@ def score_same_date_twice(ws: Workspace, users: int = 400) -> dict[str, Any]:
              for where, r in results.items()}
     parts = []
     for where, r in results.items():
+        runs = f"FAILED runs: {r['errors']}" if r["errors"] else "both runs finished"
         if r["readable"] != "yes":
-            parts.append(f"{where}: partition UNREADABLE ({r['readable']})")
+            parts.append(f"{where}: {runs}; partition UNREADABLE ({r['readable']})")
             continue
-        failed = f"; FAILED runs: {r['errors']}" if r["errors"] else ""
         source = f"the {r['whole_from'][0]} run's, whole" if len(r["whole_from"]) == 1 else "a MIX of both runs"
-        parts.append(f"{where}: both runs finished{failed}; the partition is {source} ({r['rows']} rows, every "
-                     f"user once: {r['once']}); staging left: {r['leftovers'] or 'none'}")
+        parts.append(f"{where}: {runs}; the partition is {source} ({r['rows']} rows, every user once: "
+                     f"{r['once']}); staging left: {r['leftovers'] or 'none'}")
     clean = all(not r["errors"] and not r.get("leftovers") for r in results.values())
     return outcome("score-same-date-twice", f"two scoring runs of {DATE} at once ({users} users; the retry with k=4 "
                    "to tell them apart), both held at the partition commit until the other got there, then "
