@@ -101,7 +101,7 @@ def _files_holding(root: pathlib.Path, markers: list[str]) -> list[str]:
 
 
 @pytest.mark.integration
-def test_no_checkpoint_log_or_report_of_a_run_holds_a_secret(tmp_path, monkeypatch, caplog, capfd) -> None:
+def test_no_checkpoint_log_or_report_of_a_run_holds_a_secret(ray_local, tmp_path, monkeypatch, caplog, capfd) -> None:
     import ray
 
     from speeder_platform.jobs import run_steps

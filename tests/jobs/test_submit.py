@@ -73,15 +73,19 @@ def _submit(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_speeder_job_submits_through_job_submission_client(head, tmp_path) -> None:
     out_root = tmp_path / "run"
-    result = _submit([str(BIN / "speeder"), "job", "jobs/smoke.yaml", "--address", head,
-                      "steps=[prepare,featurize]", f"output_root={out_root}", "prepare.synthetic.num_users=40",
-                      "featurize.vision_encoder=none"])
+    cmd = [str(BIN / "speeder"), "job", "jobs/smoke.yaml", "--address", head, "steps=[prepare,featurize]",
+           f"output_root={out_root}", "prepare.synthetic.num_users=40", "featurize.vision_encoder=none"]
+    result = _submit(cmd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out_root / "job_summary.json").read_text())
     assert summary["ray"] == "cluster"  # inside the job, `speeder job` joined the cluster
     assert sorted(summary["steps"]) == ["featurize", "prepare"]
     assert (out_root / "data" / "features" / "default" / "items.parquet").exists()
     assert "step featurize done" in result.stdout + result.stderr  # the job's log was streamed back
+    # A retry of the same submission (same spec, overrides and date) finds the job and does not run it again.
+    again = _submit(cmd)
+    assert again.returncode == 0 and "already submitted" in again.stdout + again.stderr
+    assert "step featurize done" not in again.stdout + again.stderr
 
 
 def test_ray_cli_runs_the_spec_as_an_executable_entrypoint(head, tmp_path) -> None:
