@@ -41,9 +41,19 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete, of another format, or does not fit the model."""
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes to disk before it is renamed into place (a crash then leaves old or new, whole)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -61,6 +71,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
     digest = _digest(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
     return digest
 

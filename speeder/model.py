@@ -59,6 +59,10 @@ class SpeederSettings:
     # identity. Needs sequence_skip and a sequence encoder (so off here by default; the platform turns it
     # on with featurize's SASRec); active only with the sequence modality.
     sequence_user: bool = False
+    # Score with the items' norms: tau * <u, e_c> / E (E: the norm of a token at the word embeddings' scale)
+    # instead of tau * cos(u, e_c), so what a token's norm says (SASRec's item norms, through the sequence
+    # skip) reaches the ranking.
+    item_norms: bool = True
     # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
     # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().
     distill_weight: float = 0.0
@@ -71,14 +75,16 @@ class SpeederSettings:
 
 
 class ScoringHead(nn.Module):
-    """Hidden states -> unit user vectors; scores = tau * cos(u, e_c) (+ b(e_c) with the item prior).
+    """Hidden states -> unit user vectors; scores = tau * cos(u, e_c), or tau * <u, e_c> / item_norm with the
+    items' norms (+ b(e_c) with the item prior).
 
     proj reads the prompt's last token, slot_proj a history slot (the last-slot readout and the dense
     next-item loss); both start as the identity.
     """
 
     def __init__(self, d: int, readout: str = "final", slots: bool = False, item_prior: bool = False,
-                 input_skip: bool = False, sequence_user: bool = False, init_temperature: float = 20.0) -> None:
+                 input_skip: bool = False, sequence_user: bool = False, item_norm: float | None = None,
+                 init_temperature: float = 20.0) -> None:
         super().__init__()
         self.readout = readout
         self.proj = nn.Linear(d, d, bias=False) if readout in ("final", "both") else None
@@ -88,11 +94,16 @@ class ScoringHead(nn.Module):
         for linear in (self.proj, self.slot_proj):
             if linear is not None:  # with the input skip the LLM's part starts at zero
                 nn.init.zeros_(linear.weight) if input_skip else nn.init.eye_(linear.weight)
+        # The readout starts as SASRec's user state where the model has it (the input skip from zero: the last
+        # item's token alone ranks below SASRec), else as the last item's token.
         for linear in (self.input_skip, self.sequence_skip):
             if linear is not None:
                 nn.init.eye_(linear.weight)
+        if self.input_skip is not None and self.sequence_skip is not None:
+            nn.init.zeros_(self.input_skip.weight)
         # Shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
         self.log_temperature = nn.Parameter(torch.tensor([math.log(init_temperature)]))
+        self.item_norm = item_norm  # None: cosine scores; else dot products over this typical token norm
         self.prior = nn.Linear(d, 1, bias=False) if item_prior else None
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)  # starts as no prior at all
@@ -125,7 +136,7 @@ class ScoringHead(nn.Module):
 
     def scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """u (B, D) unit user vectors; items (B, C, D) or (N, D) -> (B, C) or (B, N)."""
-        e = F.normalize(items, dim=-1)
+        e = F.normalize(items, dim=-1) if self.item_norm is None else items / self.item_norm
         s = torch.einsum("bd,bcd->bc", u, e) if e.dim() == 3 else u @ e.T
         s = self.log_temperature.exp() * s
         if self.prior is not None:
@@ -147,13 +158,17 @@ class SpeederModel(nn.Module):
         d = backbone.hidden_size
         self.prompt = PromptBuilder(backbone.tokenizer)
         scale = embedding_scale(backbone.input_embeddings().weight)
+        # With the sequence encoder at hand, its item table (= the sequence features) gives the skip its scale.
+        seq_scale = (embedding_scale(sequence_encoder.item_embeddings())
+                     if sequence_encoder is not None and settings.sequence_user else None)
         self.mrc = MRC(settings.feature_dims, d, hidden_size=settings.mrc_hidden, num_layers=settings.mrc_layers,
                        num_heads=settings.mrc_heads, dropout=settings.mrc_dropout, embed_scale=scale,
-                       sequence_skip=settings.sequence_skip)
+                       sequence_skip=settings.sequence_skip, sequence_scale=seq_scale)
         self.ppl = PositionPromptLearning(settings.max_history, d) if settings.use_ppl else None
         self.head = ScoringHead(d, settings.readout, slots=settings.dense_weight > 0 or settings.distill_weight > 0,
                                 item_prior=settings.item_prior, input_skip=settings.readout_skip,
-                                sequence_user=settings.sequence_user)
+                                sequence_user=settings.sequence_user,
+                                item_norm=scale * d ** 0.5 if settings.item_norms else None)
         self.ppt = PositionProxyHead(d, settings.max_history) if settings.ppt_lambda > 0 else None
         # Frozen: SASRec as featurize trained it (its item embeddings are the sequence features).
         self.sequence_encoder = sequence_encoder if settings.sequence_user else None
@@ -193,7 +208,9 @@ class SpeederModel(nn.Module):
         with torch.no_grad():
             self.sequence_encoder.eval()
             h = self.sequence_encoder.forward_all(history[:, -self.settings.max_history:]).float()  # (B, H, d_s)
-        return self.mrc.sequence_skip(h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-12))
+        if self.mrc.sequence_scale:  # a user state at the items' scale: <skip(h), skip(s_c)> ~ SASRec's <h, s_c>
+            h = h * (self.mrc.sequence_scale * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-12))
+        return self.mrc.sequence_skip(self.mrc.sequence_input(h))
 
     def _active(self, active: Iterable[str] | None) -> list[str]:
         mine = self.settings.modalities

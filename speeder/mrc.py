@@ -149,15 +149,17 @@ class MRC(nn.Module):
 
     forward(features, active) -> (N, d_llm); `active` is the set of modalities the MPO stage uses.
 
-    sequence_skip adds a linear path from the SASRec embedding straight to the token,
-    c * Q (s / rms(s)) with Q (d_llm, d_s) orthonormal columns: inner products of normalised SASRec
-    embeddings are preserved up to c^2, so item tokens carry SASRec's similarity structure from the
-    first step of the sequence stage instead of only through randomly initialised layers.
+    sequence_skip adds a linear path from the SASRec embedding straight to the token, c * Q s with
+    Q (d_llm, d_s) orthonormal columns: inner products of SASRec embeddings are preserved up to c^2, so
+    item tokens carry SASRec's similarity structure from the first step of the sequence stage instead of
+    only through randomly initialised layers. sequence_scale, the per-coordinate RMS of the SASRec
+    table, sets c so the skip lands at the word embeddings' scale with each item's norm kept (SASRec's
+    scores depend on it); without it each item's embedding is normalised (direction only).
     """
 
     def __init__(self, feature_dims: dict[str, int], d_llm: int, *, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 4, dropout: float = 0.1, embed_scale: float = 1.0,
-                 sequence_skip: bool = False) -> None:
+                 sequence_skip: bool = False, sequence_scale: float | None = None) -> None:
         super().__init__()
         self.feature_dims = dict(feature_dims)
         d = hidden_size
@@ -180,11 +182,20 @@ class MRC(nn.Module):
         self.log_gain = nn.Parameter(torch.zeros(1))
         d_s = self.feature_dims.get("sequence", 0)
         self.sequence_skip = None
+        self.sequence_scale = sequence_scale
         if sequence_skip and d_s > 0:
             self.sequence_skip = nn.Linear(d_s, d_llm, bias=False)
             q, _ = torch.linalg.qr(torch.randn(d_llm, d_s))  # (d_llm, d_s), orthonormal columns
             with torch.no_grad():  # per-coordinate RMS of the skip = embed_scale, like a word embedding
-                self.sequence_skip.weight.copy_(q * float(embed_scale) * (d_llm / d_s) ** 0.5)
+                self.sequence_skip.weight.copy_(q * float(embed_scale) * (d_llm / d_s) ** 0.5
+                                                / (sequence_scale or 1.0))
+
+    def sequence_input(self, s: torch.Tensor) -> torch.Tensor:
+        """What the sequence skip reads: SASRec vectors (..., d_s) as they are when the table's scale is
+        known, else each normalised to unit RMS."""
+        if self.sequence_scale:
+            return s
+        return s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
 
     @property
     def output_scale(self) -> torch.Tensor:
@@ -223,8 +234,7 @@ class MRC(nn.Module):
         pooled = _gated_read(pool, present_m, gate, vision)  # (N, d)
         out = self.output_scale * self.output_norm(self.output(self.fusion_norm(pooled)))  # (N, d_llm)
         if self.sequence_skip is not None and "sequence" in active:
-            s = values["sequence"].to(out.dtype)  # (N, d_s)
-            skip = self.sequence_skip(s * torch.rsqrt(s.pow(2).mean(dim=1, keepdim=True) + 1e-12))  # (N, d_llm)
+            skip = self.sequence_skip(self.sequence_input(values["sequence"].to(out.dtype)))  # (N, d_llm)
             out = out + torch.where(masks["sequence"].bool().unsqueeze(-1), skip, 0.0)
         return out
 

@@ -116,13 +116,16 @@ def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
 
 
 def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, features: ItemFeatures, steps: int,
-                 cfg: SpeederConfig, curve_points: int, teacher: Any = None) -> list[dict[str, float]]:
-    """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve."""
-    from speeder_platform.modeling import stage_groups
+                 cfg: SpeederConfig, curve_points: int, teacher: Any = None) -> tuple[list[dict[str, float]],
+                                                                                      list[dict]]:
+    """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve and the
+    optimizer groups (as `modeling.describe_groups`)."""
+    from speeder_platform.modeling import describe_groups, stage_groups
     from speeder_platform.train import stage_sample_indices
 
     t = cfg.trainer
-    optimizer = torch.optim.AdamW(stage_groups(model, stage, t), weight_decay=t.weight_decay)
+    groups = stage_groups(model, stage, t)
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     bs = t.batch_size
     order = stage_sample_indices(len(train), steps * bs, t.seed, stage.index)
     bounds = np.linspace(0, steps, min(curve_points, steps) + 1).astype(int)
@@ -135,7 +138,7 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
         curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])
-    return curve
+    return curve, describe_groups(groups)
 
 
 def train_speeder(cfg: SpeederConfig, train: Samples, valid: Samples | None, features: ItemFeatures,
@@ -159,12 +162,13 @@ def train_speeder(cfg: SpeederConfig, train: Samples, valid: Samples | None, fea
     for stage in plan:
         s0 = time.perf_counter()
         active = [m for m in stage.modalities if m in cfg.model.modalities and m in available]
-        curve = _train_stage(model, stage, active, train, features, steps_per_stage[stage.index], cfg, curve_points,
-                             teacher=teacher if "sequence" in active else None)
+        curve, groups = _train_stage(model, stage, active, train, features, steps_per_stage[stage.index], cfg,
+                                     curve_points, teacher=teacher if "sequence" in active else None)
         train_seconds = time.perf_counter() - s0
         metrics = evaluate(model, valid, features, active) if valid is not None and len(valid) else {}
         result.stages.append({"stage": stage.index, "name": stage.name, "modalities": active,
                               "steps": steps_per_stage[stage.index], "curve": curve, "valid": metrics,
+                              "optimizer_groups": groups,
                               "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - s0, 1)})
         result.active = active
         if metrics:

@@ -137,6 +137,7 @@ class ModelConfig:
     # User vectors add featurize's SASRec user state (needs sequence_skip; beyond the paper): the lever that took
     # Speeder from 0.459 to 0.478 HR@1 on ML-100K (README). Off by itself where features have no seq_emb.
     sequence_user: bool = True
+    item_norms: bool = True  # score tau * <u, e_c> / |typical token| (items' norms count) instead of the cosine
     gradient_checkpointing: bool = False
 
 

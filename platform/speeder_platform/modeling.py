@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from speeder.model import SpeederModel, SpeederSettings, build_model
@@ -33,21 +34,32 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         readout_skip=model.readout_skip,
         # Without sequence features (featurize.sasrec.epochs=0) there is no SASRec to read a user state from.
         sequence_user=model.sequence_user and feature_dims.get("sequence", 0) > 0,
+        item_norms=model.item_norms,
     )
 
 
 def sequence_encoder_from(features_dir: str) -> nn.Module:
     """featurize's SASRec (features/<name>/sasrec), in eval mode: the sequence encoder whose item
     embeddings are the sequence features (model.sequence_user reads it, distillation learns from it)."""
+    from speeder import schema
     from speeder_platform import storage
     from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+    from speeder_platform.tables import dense_column
 
     directory = sasrec_dir(features_dir)
     if not storage.exists(storage.join(directory, SASREC_META)):
         raise FileNotFoundError(f"no trained SASRec in {directory}: model.sequence_user and model.distill_weight "
                                 "read featurize's SASRec (featurize trains it unless featurize.sasrec.epochs=0; "
                                 "or set model.sequence_user=false)")
-    return load_sasrec(directory)[0]
+    encoder = load_sasrec(directory)[0]
+    # The encoder and the table's seq_emb must be one SASRec (a featurize cut short between the two would not be).
+    table = storage.read_table(storage.join(features_dir, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.SEQ_EMB])
+    values, present = dense_column(table.sort_by(schema.ITEM_ID).column(schema.SEQ_EMB), table.num_rows)
+    mine = encoder.item_embeddings().detach().numpy()
+    if mine.shape != values.shape or not np.allclose(mine[present], values[present], atol=1e-5):
+        raise ValueError(f"{directory}: the SASRec weights are not the ones whose item embeddings are the table's "
+                         "seq_emb (featurize interrupted between them?): run `speeder featurize --force`")
+    return encoder
 
 
 def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: int = 0,
@@ -75,6 +87,13 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
     if model.gradient_checkpointing:
         speeder.backbone.gradient_checkpointing_enable()
     return speeder
+
+
+def describe_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups as plain data: name, parameter count, lr, weight decay (recorded by the
+    trainer in checkpoints and by the quality bench in its results, so the two can be compared)."""
+    return [{"name": g["name"], "params": sum(p.numel() for p in g["params"]), "lr": g["lr"],
+             "weight_decay": g["weight_decay"]} for g in groups]
 
 
 def stage_groups(model: nn.Module, stage: Stage, trainer: TrainerConfig) -> list[dict]:

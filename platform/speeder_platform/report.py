@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from speeder_platform import storage
+from speeder_platform.redact import redact
 
 log = logging.getLogger("speeder.report")
 
@@ -347,7 +348,9 @@ def write_report(config: str, overrides: list[str], out: str | None = None, base
     data["results"] = results(data, cfg.evaluate.out)
     storage.write_json(storage.join(out, "results.json"), data["results"])
     uri = storage.join(out, "report.md")
-    storage.write_bytes(uri, render(cfg, data, ["speeder", "report", config, *overrides], out).encode())
+    # A secret passed as an override (runtime_env.env_vars.X=...) must not reach the report's command lines.
+    command = redact(["speeder", "report", config, *overrides])
+    storage.write_bytes(uri, render(cfg, data, command, out).encode())
     return uri
 
 

@@ -59,7 +59,7 @@ def load_samples(dataset: str, split: str, max_history: int) -> Samples:
     return samples_from_table(storage.read_table(uri), max_history, uri)
 
 
-def _dense(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def dense_column(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A list<float> column with nulls -> (values (n, d) float32 with zero rows for nulls, mask (n,))."""
     mask = pc.invert(pc.is_null(column)).to_numpy(zero_copy_only=False).astype(bool)
     if not mask.any():
@@ -82,7 +82,7 @@ def features_from_table(table: pa.Table, what: str = "features") -> ItemFeatures
     n = len(ids)
     out = {}
     for modality, column in EMB_COLUMNS.items():
-        values, mask = _dense(table.column(column), n)
+        values, mask = dense_column(table.column(column), n)
         out[modality] = (torch.from_numpy(values), torch.from_numpy(mask))
     return ItemFeatures(text=out["text"][0], text_mask=out["text"][1], image=out["vision"][0],
                         image_mask=out["vision"][1], sequence=out["sequence"][0], sequence_mask=out["sequence"][1])

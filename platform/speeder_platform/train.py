@@ -21,6 +21,7 @@ import numpy as np
 from speeder.mpo import plan_stages
 from speeder_platform import storage
 from speeder_platform.config import SpeederConfig, to_dict
+from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import ensure_ray
 from speeder_platform.tables import available_modalities, load_item_features, split_uri
 from speeder_platform.train_worker import METRIC, train_loop_per_worker
@@ -118,6 +119,8 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
     t0 = time.perf_counter()
     ensure_ray(cfg)
     t = cfg.trainer
+    # Refuse broken or half-committed features here, once, before any worker starts (and retries).
+    committed_features(cfg.data.uri, cfg.featurize.name)
     features = load_item_features(cfg.data.uri, cfg.featurize.name)
     available = available_modalities(features) & set(cfg.model.modalities)
     plan = plan_stages(list(t.stages), available, cfg.model.use_mpo)

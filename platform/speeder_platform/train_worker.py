@@ -27,7 +27,7 @@ from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
 from speeder_platform.lineage import check_checkpoint, checkpoint_record, committed_features
-from speeder_platform.modeling import build_from_config, sequence_encoder_from, stage_groups
+from speeder_platform.modeling import build_from_config, describe_groups, sequence_encoder_from, stage_groups
 from speeder_platform.redact import redact
 from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
 
@@ -176,6 +176,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_from_config(cfg.model, features.dims(), seed=t.seed,
                               features_dir=features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
     groups = stage_groups(model, stage, t)
+    # Dropout draws from the global generator (build_from_config seeds only its own fork): seeded by
+    # (seed, stage, rank), so a run is repeatable and the same on any cluster shape.
+    torch.manual_seed(t.seed * 1_000_003 + stage.index * 1_009 + rank)
     # model.distill_weight: featurize's SASRec is the teacher (only where the stage feeds sequences).
     teacher = None
     if cfg.model.distill_weight and "sequence" in active:
@@ -223,7 +226,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The config without secrets: its runtime_env.env_vars are where users put environment variables.
     meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active,
                  "config": redact(to_dict(cfg)), "feature_dims": features.dims(), "backbone": cfg.model.backbone,
-                 "strategy": strategy, "worker_nodes": nodes, "features": checkpoint_record(features_set)}
+                 "strategy": strategy, "worker_nodes": nodes, "features": checkpoint_record(features_set),
+                 "optimizer_groups": describe_groups(groups)}
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),

@@ -119,3 +119,10 @@ def test_report_without_a_job_fails_clearly(tmp_path) -> None:
     spec.write_text(to_yaml(tiny_config(str(tmp_path))))
     with pytest.raises(FileNotFoundError, match="no finished job"):
         main([str(spec)])
+
+
+def test_report_redacts_a_secret_given_as_an_override(tmp_path) -> None:
+    spec, _ = write_fake_job(tmp_path)
+    assert main([spec, "runtime_env.env_vars.MY_TOKEN=s3cr3t-marker", "--no-diagnose", "--no-baselines"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "MY_TOKEN" in report and "s3cr3t-marker" not in report

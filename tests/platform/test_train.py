@@ -66,6 +66,16 @@ def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
     assert meta["strategy"] == "ddp" and meta["stage"] == 1 and meta["modalities"] == ["text"]
     trained = load_trained(summary.checkpoint)
     assert trained.model.settings.max_history == 8
+    # One recipe: the quality bench, given the same config, builds exactly the trainer's optimizer groups.
+    from speeder_platform.bench_quality_models import train_speeder
+    from speeder_platform.tables import features_folder, load_item_features, load_samples
+
+    features = load_item_features(dataset, cfg.featurize.name)
+    bench = train_speeder(cfg, load_samples(dataset, "train", 8), None, features, {1: 1, 2: 1, 3: 1},
+                          features_dir=features_folder(dataset, cfg.featurize.name))
+    assert bench.stages[0]["optimizer_groups"] == meta["optimizer_groups"]
+    gate = next(g for g in bench.stages[1]["optimizer_groups"] if g["name"] == "vision_gate")
+    assert gate["lr"] == cfg.trainer.lr * cfg.trainer.gate_lr_scale  # the trainer's gate lr, 30x by default
 
 
 def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:

@@ -22,41 +22,35 @@ def prepare_synthetic(out: str, num_users: int = 60, num_items: int = 80, **kw) 
 
 def write_random_features(dataset: str, name: str = "default", dims: tuple[int, int, int] = (16, 8, 6),
                           image_rate: float = 0.8, seed: int = 0) -> str:
-    """A features table with random vectors (for tests of the training plumbing, not of encoders)."""
-    items = storage.read_table(storage.join(dataset, schema.ITEMS_FILE))
-    n = items.num_rows
-    rng = np.random.default_rng(seed)
-
-    def column(d: int, present: np.ndarray) -> pa.Array:
-        values = rng.standard_normal((n, d)).astype(np.float32)
-        return pa.array([v.tolist() if p else None for v, p in zip(values, present, strict=True)],
-                        type=pa.list_(pa.float32()))
-
-    table = pa.table({
-        schema.ITEM_ID: pa.array(np.arange(n), type=pa.int64()),
-        schema.TEXT_EMB: column(dims[0], np.ones(n, bool)),
-        schema.IMAGE_EMB: column(dims[1], rng.random(n) < image_rate),
-        schema.SEQ_EMB: column(dims[2], np.ones(n, bool)),
-    })
-    uri = features_uri(dataset, name)
-    storage.write_table(table, uri)
-    write_random_sasrec(dataset, name, n, dims[2], seed)
-    return uri
-
-
-def write_random_sasrec(dataset: str, name: str, num_items: int, hidden: int, seed: int = 0) -> None:
-    """An untrained SASRec where featurize keeps its own (features/<name>/sasrec), for the model's sequence
-    user state: tests of the plumbing need one of the right size, not a trained one."""
+    """A features table with random text and image vectors and an untrained SASRec's item embeddings as
+    seq_emb, that SASRec kept where featurize keeps its own (for tests of the plumbing, not of encoders)."""
     import torch
 
     from speeder.sasrec import SASRec
     from speeder_platform.featurize_seq import sasrec_dir, save_sasrec
     from speeder_platform.tables import features_folder
 
+    items = storage.read_table(storage.join(dataset, schema.ITEMS_FILE))
+    n = items.num_rows
+    rng = np.random.default_rng(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SASRec(num_items, hidden_size=hidden, num_heads=2, max_length=50)
-    save_sasrec(model, sasrec_dir(features_folder(dataset, name)), {"settings": {}, "stats": []})
+        sasrec = SASRec(n, hidden_size=dims[2], num_heads=2, max_length=50)
+    save_sasrec(sasrec, sasrec_dir(features_folder(dataset, name)), {"settings": {}, "stats": []})
+
+    def column(values: np.ndarray, present: np.ndarray) -> pa.Array:
+        return pa.array([v.tolist() if p else None for v, p in zip(values, present, strict=True)],
+                        type=pa.list_(pa.float32()))
+
+    table = pa.table({
+        schema.ITEM_ID: pa.array(np.arange(n), type=pa.int64()),
+        schema.TEXT_EMB: column(rng.standard_normal((n, dims[0])).astype(np.float32), np.ones(n, bool)),
+        schema.IMAGE_EMB: column(rng.standard_normal((n, dims[1])).astype(np.float32), rng.random(n) < image_rate),
+        schema.SEQ_EMB: column(sasrec.item_embeddings().detach().numpy(), np.ones(n, bool)),
+    })
+    uri = features_uri(dataset, name)
+    storage.write_table(table, uri)
+    return uri
 
 
 def tiny_config(output_root: str, *overrides: str):
