@@ -319,3 +319,18 @@ def test_distillation_pulls_towards_the_teacher(features) -> None:
 def test_candidate_loss_refuses_a_target_outside_the_candidates(tiny_model, features) -> None:
     with pytest.raises(ValueError, match="target 7 of sample 0 is not among its candidates"):
         tiny_model(torch.tensor([[1, 2, 3]]), torch.tensor([7]), torch.tensor([[1, 2, 3]]), features, ALL)
+
+
+@pytest.mark.parametrize("item_norms", [True, False])
+def test_item_norms_decide_whether_a_tokens_norm_reaches_the_score(features, item_norms) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, item_norms=item_norms, item_prior=False))
+    model.eval()
+    history = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        table = model.item_tokens(features, ALL)
+        before = model.score_catalog(history, table)
+        table[5] *= 2.0
+        after = model.score_catalog(history, table)
+    expected = before[:, 5] * 2.0 if item_norms else before[:, 5]  # dot product vs cosine
+    torch.testing.assert_close(after[:, 5], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[:, :5], before[:, :5])
