@@ -36,7 +36,7 @@ log = logging.getLogger("speeder.bench")
 # Every lever of the model as a row: each turns one setting of the recipe off (or on), the rest as the spec
 # has it. A variant identical to an earlier one on a catalog (say "no vision" without images) is not retrained.
 PAPER = ["model.dense_weight=0", "model.readout=final", "model.readout_skip=false", "model.item_prior=false",
-         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0"]
+         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0", "model.item_norms=false"]
 VARIANTS: dict[str, list[str]] = {
     "Speeder": [],
     "paper's model (no levers)": PAPER,
@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "final-token readout": ["model.readout=final", "model.readout_skip=false"],
     "no readout skip": ["model.readout_skip=false"],
     "no item prior": ["model.item_prior=false"],
+    "cosine scores (no item norms)": ["model.item_norms=false"],
     "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
     "no SASRec user state": ["model.sequence_user=false"],
     "+ SASRec distillation": ["model.distill_weight=1.0"],
