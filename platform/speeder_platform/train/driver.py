@@ -24,17 +24,10 @@ from speeder_platform.config import SpeederConfig, to_dict
 from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import ensure_ray
 from speeder_platform.tables import available_modalities, load_item_features, split_uri
-from speeder_platform.train_worker import METRIC, train_loop_per_worker
+from speeder_platform.train.worker import METRIC, train_loop_per_worker
+from speeder_platform.trained import FINAL_FILE, STAGES_FILE, run_uri
 
 log = logging.getLogger("speeder.train")
-
-STAGES_FILE = "stages.json"
-FINAL_FILE = "final.json"
-
-
-def run_uri(cfg: SpeederConfig) -> str:
-    return storage.join(cfg.trainer.storage_path, cfg.trainer.run_name)
-
 
 @dataclass
 class TrainSummary:
@@ -185,10 +178,3 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
     storage.write_json(storage.join(root, FINAL_FILE), {"checkpoint": summary.checkpoint, "stages": done})
     return summary
 
-
-def final_checkpoint(cfg: SpeederConfig) -> str:
-    """The checkpoint a finished run names as final (what evaluate/score/serve use by default)."""
-    uri = storage.join(run_uri(cfg), FINAL_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no trained model at {uri}: run `speeder train` first or pass a checkpoint")
-    return storage.read_json(uri)["checkpoint"]
