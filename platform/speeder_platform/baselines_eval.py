@@ -1,4 +1,4 @@
-"""Popularity and SASRec on the same split and protocols as Speeder (DESIGN 3.2, 4.7).
+"""Popularity and SASRec on the same split and protocols as Speeder (docs/data.md#protocol, docs/model.md#baselines).
 
     from speeder_platform.baselines_eval import run_baselines
     run_baselines(load_config("jobs/demo.yaml"))      # -> <evaluate.out>/baselines.json + baselines.md

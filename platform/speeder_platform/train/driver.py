@@ -100,7 +100,8 @@ def _cpus_per_worker(cfg: SpeederConfig) -> float:
     if cfg.trainer.cpus_per_worker is not None:
         return cfg.trainer.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    # Leave half a CPU to Ray Data's split coordinator and read tasks, or they starve (STACK-NOTES).
+    # Leave half a CPU to Ray Data's split coordinator and read tasks, or they starve
+    # (docs/stack-notes.md#ray-data-cpus).
     return max(0.25, min(1.0, (cpus - 0.5) / cfg.trainer.num_workers))
 
 

@@ -74,7 +74,7 @@ from speeder_platform.config import SpeederConfig, to_dict
 
 log = logging.getLogger("speeder.bench")
 
-MAX_HISTORY = 20  # the protocol's default (DESIGN 3.2)
+MAX_HISTORY = 20  # the protocol's default (docs/data.md#max-history)
 PARTS = ("llara", "cold-start", "missing")
 
 
