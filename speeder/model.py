@@ -5,7 +5,7 @@
     LLM (LoRA) --> last hidden h (B, D) --head--> scores over 20 candidates or all N items, one pass
 
 Score of candidate c: s = tau * cos(W h, e_c), W (D, D) learned, tau a learned temperature
-(DESIGN 4.3's <W h, e_c> on unit vectors: well-conditioned whatever the backbone's scale).
+(docs/model.md#head: the bilinear <W h, e_c> on unit vectors, well-conditioned whatever the backbone's scale).
 """
 
 from __future__ import annotations

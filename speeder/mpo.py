@@ -1,4 +1,4 @@
-"""MPO: Modality-aware Progressive Optimization (DESIGN 4.5), as data.
+"""MPO: Modality-aware Progressive Optimization (docs/model.md#mpo), as data.
 
 A stage names the modalities it feeds MRC and a learning-rate scale per parameter group; a group
 absent from a stage (or scaled by 0) is frozen. Applying a stage sets `requires_grad` and returns the

@@ -1,4 +1,4 @@
-"""MRC: Multimodal Representation Compression (DESIGN 4.2). Every item becomes ONE token.
+"""MRC: Multimodal Representation Compression (docs/model.md#mrc). Every item becomes ONE token.
 
     text_emb  -> A_t \\
     image_emb -> A_v  > [x_t, x_v, x_s] -> MoME x L -> learned-query fusion -> A_f -> e_item (d_llm)

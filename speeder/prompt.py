@@ -1,4 +1,4 @@
-"""The prompt: a fixed template with ONE placeholder slot per history item (DESIGN 4.3).
+"""The prompt: a fixed template with ONE placeholder slot per history item (docs/model.md#prompt).
 
     "A user interacted with <i><i>...<i>. The next item the user will interact with is"
 

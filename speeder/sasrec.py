@@ -1,5 +1,5 @@
 """SASRec (Kang & McAuley, ICDM 2018) as RecBole 1.2.1 implements it: the sequence baseline and the
-source of every item's sequence features (`seq_emb`, DESIGN 4.1).
+source of every item's sequence features (`seq_emb`, docs/model.md#item-features).
 
 Faithful to RecBole's `sasrec.py` + `layers.py` + `SASRec.yaml`/`overall.yaml` defaults: learned
 absolute position embeddings, LayerNorm + dropout on the input, post-LN Transformer layers (attention
@@ -271,7 +271,7 @@ def evaluate_full_ranking(model: SASRec, histories: Sequence[np.ndarray], target
     """Rank every item for each (history, target); HR@K, NDCG@K, MRR@K via speeder.metrics.
 
     The model reads the last `max_length` items of each history. With mask_history, every item of the
-    given history is scored -inf (DESIGN 3.2), except the target itself: a re-consumed target would
+    given history is scored -inf (docs/data.md#full-ranking), except the target itself: a re-consumed target would
     otherwise be unreachable. RecBole masks history for general models (Pop) but not for sequential
     ones (its FullSortEvalDataLoader passes no history for SASRec): pass mask_history=False to
     reproduce RecBole's SASRec figures.

@@ -1,4 +1,4 @@
-"""Names of the canonical dataset layout (DESIGN 3.1), defined once.
+"""Names of the canonical dataset layout (docs/data.md#layout), defined once.
 
 The platform reads and writes these files; the model only sees the arrays they hold.
 """

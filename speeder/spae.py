@@ -1,4 +1,4 @@
-"""SPAE: Sequential Position Awareness Enhancement (DESIGN 4.4).
+"""SPAE: Sequential Position Awareness Enhancement (docs/model.md#spae).
 
 PPL (Position Prompt Learning): a learned table P (max_history, d_llm) added to the history item
 tokens; position 0 is the most recent item, so "the last thing the user did" always has the same

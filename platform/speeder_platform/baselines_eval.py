@@ -1,4 +1,4 @@
-"""Popularity and SASRec on the same split and protocols as Speeder (DESIGN 3.2, 4.7).
+"""Popularity and SASRec on the same split and protocols as Speeder (docs/data.md#protocol, docs/model.md#baselines).
 
     from speeder_platform.baselines_eval import run_baselines
     run_baselines(load_config("jobs/demo.yaml"))      # -> <evaluate.out>/baselines.json + baselines.md
@@ -106,8 +106,8 @@ def sasrec_scorer(model: Any) -> CatalogScorer:
 
 
 def train_item_counts(data_uri: str) -> tuple[list[np.ndarray], int]:
-    """The train part of every user's sequence (featurize_seq.train_sequences) and the catalog size."""
-    from speeder_platform.featurize_seq import train_sequences
+    """The train part of every user's sequence (featurize.sequence.train_sequences) and the catalog size."""
+    from speeder_platform.featurize.sequence import train_sequences
 
     inter = storage.read_table(storage.join(data_uri, schema.INTERACTIONS_FILE),
                                columns=[schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP])
@@ -141,8 +141,8 @@ def run_baselines(cfg: Any) -> dict[str, Any]:
     The job step `baselines` (after featurize; it needs no Speeder checkpoint).
     """
     from speeder_platform.evaluate import metrics_table
-    from speeder_platform.featurize import features_dir
-    from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+    from speeder_platform.featurize.pipeline import features_dir
+    from speeder_platform.featurize.sequence import SASREC_META, load_sasrec, sasrec_dir
     from speeder_platform.tables import load_samples
 
     t0 = time.perf_counter()

@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from speeder_platform.train import run_training
+    from speeder_platform.train.driver import run_training
 
     summary = run_training(_config(args))
     sys.stdout.write(f"{summary.table()}\n\nfinal checkpoint: {summary.checkpoint}\n")
@@ -99,7 +99,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.featurize.pipeline import run_featurize
 
     cfg = _config(args)
     if args.incremental:
@@ -118,7 +118,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from speeder_platform.serve import run_serve
+    from speeder_platform.serve.app import run_serve
 
     return run_serve(_config(args), args.checkpoint)
 
@@ -131,7 +131,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from speeder_platform.bench_serve import format_report, run_bench_serve
+    from speeder_platform.bench.serve import format_report, run_bench_serve
 
     report = run_bench_serve(_config(args), args.checkpoint, requests=args.requests, concurrency=args.concurrency,
                              k=args.k, out=args.out)
@@ -143,7 +143,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     import json
 
     from speeder_platform import storage
-    from speeder_platform.bench_speed import format_report, run_bench_speed
+    from speeder_platform.bench.speed import format_report, run_bench_speed
 
     report = run_bench_speed(backbone=args.backbone, num_layers=args.num_layers, dataset=args.dataset,
                              history=args.history, train_batch=args.train_batch, train_steps=args.train_steps,
@@ -157,13 +157,13 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from speeder_platform.bench_quality import main as bench_quality_main
+    from speeder_platform.bench.quality.run import main as bench_quality_main
 
     return bench_quality_main(args.args)
 
 
 def _cmd_bench_faults(args: argparse.Namespace) -> int:
-    from speeder_platform.bench_faults import main as bench_faults_main
+    from speeder_platform.bench.faults.run import main as bench_faults_main
 
     return bench_faults_main(args.args)
 

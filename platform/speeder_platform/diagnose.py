@@ -158,8 +158,8 @@ def run_diagnose(cfg: Any, checkpoint: str | None = None, users: int = 300) -> d
     """Diagnose a trained checkpoint (default: the run's final one); writes diagnose.json and diagnose.md
     under evaluate.out and returns the result."""
     from speeder_platform.baselines_eval import train_item_counts
-    from speeder_platform.evaluate import load_trained, resolve_checkpoint
     from speeder_platform.tables import load_samples
+    from speeder_platform.trained import load_trained, resolve_checkpoint
 
     uri = resolve_checkpoint(cfg, checkpoint or cfg.evaluate.checkpoint)
     trained = load_trained(uri, cfg.data.uri, cfg.featurize.name)

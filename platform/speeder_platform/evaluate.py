@@ -10,74 +10,19 @@ full-ranking HR@10 / NDCG@10 (history items masked).
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from speeder.checkpoint import load_checkpoint, read_meta
 from speeder.loop import catalog_tokens, rank_targets
-from speeder.model import SpeederModel
-from speeder.mrc import ItemFeatures
 from speeder_platform import storage
 from speeder_platform.baselines_eval import metrics_from_ranks, write_ranks
-from speeder_platform.config import SpeederConfig, from_dict
-from speeder_platform.lineage import check_checkpoint, committed_features
-from speeder_platform.modeling import build_from_config
-from speeder_platform.tables import features_folder, load_item_features, load_samples
+from speeder_platform.config import SpeederConfig
+from speeder_platform.tables import load_samples
+from speeder_platform.trained import load_trained, resolve_checkpoint
 
 log = logging.getLogger("speeder.evaluate")
-
-
-@dataclass
-class TrainedModel:
-    """A model restored from a checkpoint, with the item features and modalities it was trained on."""
-
-    model: SpeederModel
-    features: ItemFeatures
-    active: list[str]
-    meta: dict[str, Any]
-    checkpoint: str
-
-    @property
-    def version(self) -> str:
-        """A readable model version: run, stage and step of the checkpoint."""
-        cfg = self.meta.get("config", {}).get("trainer", {})
-        return f"{cfg.get('run_name', 'speeder')}/stage{self.meta['stage']}/step{self.meta['step']}"
-
-
-def resolve_checkpoint(cfg: SpeederConfig, explicit: str | None) -> str:
-    from speeder_platform.train import final_checkpoint
-
-    return explicit or final_checkpoint(cfg)
-
-
-def load_trained(checkpoint: str, dataset: str | None = None, features_name: str | None = None,
-                 device: str = "cpu") -> TrainedModel:
-    """Rebuild the model a checkpoint was trained as (its own stored config) and load its weights.
-
-    `dataset` / `features_name` default to the ones the model was trained on.
-    """
-    with tempfile.TemporaryDirectory() as local:
-        storage.download_dir(checkpoint, local)
-        meta = read_meta(local)
-        train_cfg = from_dict(meta["config"])
-        dataset, features_name = dataset or train_cfg.data.uri, features_name or train_cfg.featurize.name
-        # Features it was not trained on (or not whole) are refused: with equal dims they would load and rank.
-        check_checkpoint(meta, committed_features(dataset, features_name), checkpoint)
-        features = load_item_features(dataset, features_name)
-        dims = features.dims()
-        if dims != meta["feature_dims"]:
-            raise ValueError(f"features {dims} do not match the checkpoint's {meta['feature_dims']} "
-                             f"({checkpoint}); featurize with the encoders it was trained with")
-        model = build_from_config(train_cfg.model, dims, seed=train_cfg.trainer.seed,
-                                  features_dir=features_folder(dataset, features_name))
-        load_checkpoint(local, model)
-    model.to(device).eval()
-    return TrainedModel(model=model, features=features.to(device), active=list(meta["modalities"]), meta=meta,
-                        checkpoint=checkpoint)
 
 
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:

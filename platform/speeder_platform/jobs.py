@@ -62,13 +62,13 @@ def _prepare_step(cfg: SpeederConfig) -> dict[str, Any]:
 
 
 def _featurize_step(cfg: SpeederConfig) -> dict[str, Any]:
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.featurize.pipeline import run_featurize
 
     return run_featurize(cfg).to_dict()
 
 
 def _train_step(cfg: SpeederConfig) -> dict[str, Any]:
-    from speeder_platform.train import run_training
+    from speeder_platform.train.driver import run_training
 
     summary = run_training(cfg)
     log.info("train: final checkpoint %s\n%s", summary.checkpoint, summary.table())

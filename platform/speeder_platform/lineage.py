@@ -15,7 +15,7 @@ never learnt. An incremental run extends a set (new items, old rows untouched), 
 set in its `lineage` still belongs to it.
 
 Sets written before fingerprints existed carry none, and neither does a checkpoint trained on one:
-nothing can be compared for them (the dimension check in evaluate.load_trained still applies).
+nothing can be compared for them (the dimension check in trained.load_trained still applies).
 """
 
 from __future__ import annotations

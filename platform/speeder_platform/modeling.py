@@ -43,7 +43,7 @@ def sequence_encoder_from(features_dir: str) -> nn.Module:
     embeddings are the sequence features (model.sequence_user reads it, distillation learns from it)."""
     from speeder import schema
     from speeder_platform import storage
-    from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+    from speeder_platform.featurize.sequence import SASREC_META, load_sasrec, sasrec_dir
     from speeder_platform.tables import dense_column
 
     directory = sasrec_dir(features_dir)

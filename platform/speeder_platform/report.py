@@ -151,7 +151,7 @@ def stage_curves(stage_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 def collect(cfg: Any) -> dict[str, Any]:
     """Everything the report shows, read from the job's outputs (missing parts are None / empty)."""
-    from speeder_platform.train import STAGES_FILE, run_uri
+    from speeder_platform.trained import STAGES_FILE, run_uri
 
     root = run_uri(cfg)
     stages = (_read_json(storage.join(root, STAGES_FILE)) or {}).get("stages", [])
@@ -280,7 +280,7 @@ def accuracy_rows(data: dict[str, Any]) -> dict[str, dict[str, float]]:
 def render(cfg: Any, data: dict[str, Any], command: list[str], out: str) -> str:
     """report.md; draws the plots into `out` as a side effect."""
     from speeder_platform.evaluate import metrics_table
-    from speeder_platform.train import TrainSummary
+    from speeder_platform.train.driver import TrainSummary
 
     m = cfg.model
     layers = f", first {m.num_layers} decoder layers" if m.num_layers else ""

@@ -97,7 +97,7 @@ class Scorer:
         import torch
 
         from speeder.loop import catalog_tokens
-        from speeder_platform.evaluate import load_trained
+        from speeder_platform.trained import load_trained
 
         device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.trained = load_trained(checkpoint, dataset, features_name, device)
@@ -226,9 +226,9 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
     import ray.data
 
     from speeder.checkpoint import META_FILE
-    from speeder_platform.evaluate import resolve_checkpoint
     from speeder_platform.lineage import check_checkpoint, committed_features
     from speeder_platform.ray_utils import cluster_has_gpus, ensure_ray, worker_env
+    from speeder_platform.trained import resolve_checkpoint
 
     t0 = time.perf_counter()
     sc = cfg.score
@@ -256,7 +256,7 @@ def run_score(cfg: SpeederConfig) -> ScoreReport:
         num_cpus=sc.actor_num_cpus, num_gpus=gpus, runtime_env=env,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a scorer that dies is
         # restarted and its unfinished batches run again, a failed task's output is discarded, so every
-        # user is scored exactly once (bench_faults_score.score_actor_killed checks it).
+        # user is scored exactly once (bench.faults.score.score_actor_killed checks it).
     ).materialize()  # scored once; counted, then written from the object store
     skipped, duplicates, version = _outcome(scored)
     users = scored.count() - sum(skipped.values())

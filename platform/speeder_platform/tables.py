@@ -1,6 +1,6 @@
 """Reading the canonical dataset into the model's arrays: splits -> Samples, features -> ItemFeatures.
 
-The features table (DESIGN 3.1) is `features/<set>/items.parquet` with one row per item id 0..N-1:
+The features table (docs/data.md#layout) is `features/<set>/items.parquet` with one row per item id 0..N-1:
 item_id int64, text_emb / image_emb / seq_emb list<float32> (null where the item lacks the modality).
 """
 

@@ -1,4 +1,4 @@
-"""Item feature encoders (DESIGN 4.1): text and vision, each a batched callable built once."""
+"""Item feature encoders (docs/model.md#item-features): text and vision, each a batched callable built once."""
 
 from speeder.encoders.text import (
     BackboneTextEncoder,

@@ -1,4 +1,4 @@
-"""Text encoders for item text (DESIGN 4.1): batched callables, built once (a Ray actor hosts one).
+"""Text encoders for item text (docs/model.md#item-features): batched callables, built once (a Ray actor hosts one).
 
 Every encoder has `.name`, `.dim` and `__call__(texts: list[str]) -> np.ndarray (B, dim) float32`.
 transformers is imported inside the constructors that need it, so importing this module stays cheap.

@@ -1,4 +1,4 @@
-"""Image decoding and image encoders for item images (DESIGN 4.1).
+"""Image decoding and image encoders for item images (docs/model.md#item-features).
 
 `decode_image` runs in Ray tasks on raw bytes from object storage: it never raises for bad data and
 returns None instead, so a broken image becomes a null feature, counted upstream.

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from speeder_platform.bench_faults_env import Workspace
-from speeder_platform.serve_proxy import install_proxy_hook
+from speeder_platform.bench.faults.env import Workspace
+from speeder_platform.serve.proxy import install_proxy_hook
 from testkit.datasets import prepare_synthetic, write_checkpoint, write_random_features
 
 # Serve's proxy reads its middleware hook from the environment of the Ray it runs in: set it before any

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from speeder_platform.bench_faults import SCENARIOS, format_table, main
+from speeder_platform.bench.faults.run import SCENARIOS, format_table, main
 
 pytestmark = pytest.mark.fault
 
@@ -42,7 +42,7 @@ def test_a_scenario_runs_into_the_table_and_the_json(capsys, tmp_path) -> None:
 
 
 def test_a_crashing_scenario_fails_the_command(capsys, monkeypatch) -> None:
-    monkeypatch.setitem(SCENARIOS, "data-import", "bench_faults_env:outcome")  # outcome(ws): a TypeError
+    monkeypatch.setitem(SCENARIOS, "data-import", "env:outcome")  # outcome(ws): a TypeError
     assert main(["--only", "data-import"]) == 1
     table = capsys.readouterr().out
     assert "scenario crashed: TypeError" in table and "unknown (crashed)" in table and "FAILED: data-import" in table

@@ -8,7 +8,7 @@ import torch
 
 import speeder.checkpoint as checkpoint
 from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from speeder_platform.bench_faults_train import checkpoint_crash_mid_write, checkpoint_not_pickle, unsafe_load_sites
+from speeder_platform.bench.faults.train import checkpoint_crash_mid_write, checkpoint_not_pickle, unsafe_load_sites
 
 pytestmark = pytest.mark.fault
 

@@ -8,7 +8,7 @@ import pytest
 
 from speeder import schema
 from speeder_platform import storage
-from speeder_platform.bench_faults_data import (
+from speeder_platform.bench.faults.data import (
     BAD_STATUS,
     CORE_ITEMS,
     CORE_USERS,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from speeder_platform.bench_faults_data import features_checkpoint_mismatch, features_corrupt
-from speeder_platform.bench_faults_env import Workspace
+from speeder_platform.bench.faults.data import features_checkpoint_mismatch, features_corrupt
+from speeder_platform.bench.faults.env import Workspace
 from speeder_platform.lineage import committed_features
 from testkit.datasets import write_checkpoint
 

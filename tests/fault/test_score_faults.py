@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from speeder_platform import storage
-from speeder_platform.bench_faults_score import (
+from speeder_platform.bench.faults.score import (
     disk_full_write,
     score_actor_killed,
     score_s3_outage,

@@ -11,15 +11,15 @@ import shutil
 import pytest
 
 from speeder import schema
-from speeder_platform.bench_faults_data import set_image_uris
-from speeder_platform.bench_faults_serve import (
+from speeder_platform.bench.faults.data import set_image_uris
+from speeder_platform.bench.faults.serve import (
     ESCAPING,
     serve_hostile_payloads,
     serve_replica_killed,
     serve_request_timeout,
 )
-from speeder_platform.recommender import Recommender
-from speeder_platform.serve_proxy import RetryOnReplicaDeath
+from speeder_platform.serve.proxy import RetryOnReplicaDeath
+from speeder_platform.serve.recommender import Recommender
 
 pytestmark = pytest.mark.fault
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from speeder_platform.bench_faults_train import EPOCHS, STEPS, train_driver_restarted, train_worker_killed
+from speeder_platform.bench.faults.train import EPOCHS, STEPS, train_driver_restarted, train_worker_killed
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

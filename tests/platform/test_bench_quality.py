@@ -12,14 +12,15 @@ import torch
 from speeder import schema
 from speeder.baselines.popularity import Popularity
 from speeder.loop import Samples
-from speeder_platform import bench_quality_data, storage
+from speeder_platform import storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
-from speeder_platform.bench_quality import main
-from speeder_platform.bench_quality_data import hold_out_items, mask_modality, warm_train_samples
-from speeder_platform.bench_quality_models import VARIANTS
+from speeder_platform.bench.quality import data as quality_data
+from speeder_platform.bench.quality.data import hold_out_items, mask_modality, warm_train_samples
+from speeder_platform.bench.quality.models import VARIANTS
+from speeder_platform.bench.quality.run import main
 from speeder_platform.config import to_dict
-from speeder_platform.featurize import features_dir
-from speeder_platform.featurize_seq import sequence_features
+from speeder_platform.featurize.pipeline import features_dir
+from speeder_platform.featurize.sequence import sequence_features
 from speeder_platform.tables import features_uri
 from testkit.datasets import prepare_synthetic
 from testkit.model import make_features
@@ -108,7 +109,7 @@ def write_features(cfg) -> dict:
 
 def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch) -> None:
     data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
-    monkeypatch.setattr(bench_quality_data, "ensure_features", write_features)  # no Ray, no encoders
+    monkeypatch.setattr(quality_data, "ensure_features", write_features)  # no Ray, no encoders
     out = tmp_path / "out"
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out),
                  "--set", "trainer.max_train_samples=24", "--set", "trainer.batch_size=8",  # 3 steps per stage

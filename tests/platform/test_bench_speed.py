@@ -7,7 +7,7 @@ import json
 import pytest
 
 from speeder_platform import cli
-from speeder_platform.bench_speed import format_report
+from speeder_platform.bench.speed import format_report
 
 
 @pytest.mark.integration

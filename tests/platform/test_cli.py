@@ -17,8 +17,8 @@ def captured(monkeypatch) -> dict[str, list[str]]:
             return 0
         return run
 
-    monkeypatch.setattr("speeder_platform.bench_quality.main", fake("quality"))
-    monkeypatch.setattr("speeder_platform.bench_faults.main", fake("faults"))
+    monkeypatch.setattr("speeder_platform.bench.quality.run.main", fake("quality"))
+    monkeypatch.setattr("speeder_platform.bench.faults.run.main", fake("faults"))
     monkeypatch.setattr("speeder_platform.report.main", fake("report"))
     return seen
 

@@ -11,9 +11,9 @@ import pytest
 
 from speeder import schema
 from speeder_platform import storage
-from speeder_platform.featurize import run_featurize
-from speeder_platform.featurize_ops import locate_image, read_image_bytes
-from speeder_platform.featurize_seq import load_sasrec, sasrec_dir, sequence_features, train_sequences
+from speeder_platform.featurize.ops import locate_image, read_image_bytes
+from speeder_platform.featurize.pipeline import run_featurize
+from speeder_platform.featurize.sequence import load_sasrec, sasrec_dir, sequence_features, train_sequences
 from speeder_platform.tables import features_uri, load_item_features
 from testkit.datasets import prepare_synthetic, tiny_config
 

@@ -1,7 +1,7 @@
 """Features commit as one unit, and checkpoints load only with the features they were trained on.
 
 No Ray: features are random vectors committed through lineage.commit (as featurize commits its
-table), checkpoints untrained models from testkit with the record train_worker writes.
+table), checkpoints untrained models from testkit with the record train.worker writes.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import shutil
 import pytest
 
 from speeder_platform import lineage, storage
-from speeder_platform.evaluate import load_trained
-from speeder_platform.recommender import Recommender
+from speeder_platform.serve.recommender import Recommender
 from speeder_platform.tables import features_folder, features_uri
+from speeder_platform.trained import load_trained
 from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
 
 SETTINGS = {"text_encoder": "random", "seed": 0}
@@ -33,7 +33,7 @@ def commit_random(dataset: str, settings: dict = SETTINGS, seed: int = 0, extend
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A dataset, its committed features and a checkpoint that records them (as train_worker does)."""
+    """A dataset, its committed features and a checkpoint that records them (as train.worker does)."""
     root = tmp_path_factory.mktemp("lineage")
     data = prepare_synthetic(str(root / "data"))
     fp = commit_random(data)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from speeder_platform import storage
-from speeder_platform.train import run_training
+from speeder_platform.train.driver import run_training
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
 
 pytestmark = pytest.mark.integration

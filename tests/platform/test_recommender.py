@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speeder_platform.recommender import Limits, Recommender, RequestError, load_test_users
+from speeder_platform.serve.recommender import Limits, Recommender, RequestError, load_test_users
 from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
 
 
@@ -120,7 +120,7 @@ def test_metadata_and_test_users(rec: Recommender) -> None:
 def client(rec: Recommender):
     from fastapi.testclient import TestClient
 
-    from speeder_platform.serve import build_api
+    from speeder_platform.serve.app import build_api
 
     async def direct(queries):
         return rec.recommend_queries(queries)

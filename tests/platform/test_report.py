@@ -13,12 +13,12 @@ from speeder import schema
 from speeder_platform import storage
 from speeder_platform.baselines_eval import read_ranks, write_ranks
 from speeder_platform.config import to_dict, to_yaml
-from speeder_platform.featurize import features_dir
-from speeder_platform.featurize_seq import sequence_features
+from speeder_platform.featurize.pipeline import features_dir
+from speeder_platform.featurize.sequence import sequence_features
 from speeder_platform.report import main, stage_curves
 from speeder_platform.score import SCORES_SCHEMA, partition_uri
 from speeder_platform.tables import split_uri
-from speeder_platform.train import STAGES_FILE, run_uri
+from speeder_platform.trained import STAGES_FILE, run_uri
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
 
 PNG = b"\x89PNG\r\n\x1a\n"

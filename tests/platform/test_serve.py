@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from speeder_platform.serve_proxy import install_proxy_hook
+from speeder_platform.serve.proxy import install_proxy_hook
 from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_sessio
     from ray import serve
 
     from speeder_platform import storage
-    from speeder_platform.serve import serve_settings, start
+    from speeder_platform.serve.app import serve_settings, start
 
     root = tmp_path_factory.mktemp("serve")
     data = prepare_synthetic(str(root / "data"))
@@ -74,7 +74,7 @@ def http(server) -> httpx.Client:
 
 
 def _replica_pids(app: str) -> set[int]:
-    from speeder_platform.bench_faults_env import alive_actors
+    from speeder_platform.bench.faults.env import alive_actors
 
     return {a["pid"] for a in alive_actors(f"ServeReplica:{app}:SpeederServer")}
 
@@ -243,7 +243,7 @@ def slow_url(server) -> str:
     A replica holds 2 requests and 2 more may wait at the proxy; the rest must be refused at once."""
     from ray import serve
 
-    from speeder_platform.serve import application
+    from speeder_platform.serve.app import application
 
     settings = dataclasses.replace(server[4], max_batch_size=64, batch_wait_timeout_s=60.0, max_ongoing_requests=2,
                                    max_queued_requests=2, replica_num_cpus=0.5)
@@ -252,7 +252,7 @@ def slow_url(server) -> str:
 
 
 def test_overload_is_a_fast_503_and_a_slow_request_a_504(slow_url: str, http: httpx.Client) -> None:
-    from speeder_platform.serve_api import ErrorBody
+    from speeder_platform.serve.api import ErrorBody
 
     doc = http.get("/openapi.json").json()["paths"]["/recommend"]["post"]["responses"]
     n = 12
@@ -307,8 +307,8 @@ def test_the_key_is_in_no_log_and_no_serve_state(server, slow_url: str, http: ht
 
 
 def test_the_demo_talks_to_the_endpoint(server, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speeder_platform.recommender import RequestError
-    from speeder_platform.serve import API_KEY_ENV
+    from speeder_platform.serve.app import API_KEY_ENV
+    from speeder_platform.serve.recommender import RequestError
     from speeder_ui.app import HttpBackend
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from speeder_platform.recommender import Limits, Recommender
+from speeder_platform.serve.recommender import Limits, Recommender
 from testkit.datasets import prepare_synthetic, tiny_config, write_checkpoint, write_random_features
 
 KEY = secrets.token_hex(16)
@@ -39,7 +39,7 @@ def rec(tmp_path_factory: pytest.TempPathFactory) -> Recommender:
 def _client(rec: Recommender, api_key: str | None):
     from fastapi.testclient import TestClient
 
-    from speeder_platform.serve import build_api
+    from speeder_platform.serve.app import build_api
 
     async def direct(queries):
         return rec.recommend_queries(queries)
@@ -243,7 +243,7 @@ def test_errors_name_the_field(client) -> None:
 
 # -- the API key, as the API and the demo read it -------------------------------------------------------
 def test_read_api_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speeder_platform.serve import API_KEY_ENV, read_api_key
+    from speeder_platform.serve.app import API_KEY_ENV, read_api_key
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert read_api_key() is None
@@ -268,7 +268,7 @@ def test_replicas_are_told_to_require_a_key_never_given_it(tmp_path, monkeypatch
     import pickle
 
     from speeder_platform.config import load_config
-    from speeder_platform.serve import API_KEY_ENV, application, replica_api_key, serve_settings
+    from speeder_platform.serve.app import API_KEY_ENV, application, replica_api_key, serve_settings
 
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
@@ -298,7 +298,7 @@ def test_the_key_file_is_a_local_path_in_the_config() -> None:
 
 
 def test_the_demo_client_sends_the_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from speeder_platform.serve import API_KEY_ENV
+    from speeder_platform.serve.app import API_KEY_ENV
     from speeder_ui.app import HttpBackend
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
@@ -315,7 +315,7 @@ def test_the_demo_client_sends_the_key(tmp_path, monkeypatch: pytest.MonkeyPatch
 def _through_proxy(status: int, body: bytes, headers: list | None = None) -> tuple[dict, list[dict]]:
     """One request through RetryOnReplicaDeath over a stand-in for Serve's proxy answering `status` in
     plain text; returns (the scope the proxy saw, the messages the client got)."""
-    from speeder_platform.serve_proxy import RetryOnReplicaDeath
+    from speeder_platform.serve.proxy import RetryOnReplicaDeath
 
     seen: dict = {}
 
@@ -341,7 +341,7 @@ def _through_proxy(status: int, body: bytes, headers: list | None = None) -> tup
 
 @pytest.mark.parametrize("serve_status, status", [(408, 504), (503, 503), (429, 429)])
 def test_serve_plain_text_errors_become_json(doc: dict, serve_status: int, status: int) -> None:
-    from speeder_platform.serve_api import ErrorBody
+    from speeder_platform.serve.api import ErrorBody
 
     _, sent = _through_proxy(serve_status, b"Request abc timed out after 5.0s.")
     assert sent[0]["status"] == status

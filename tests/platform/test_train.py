@@ -15,9 +15,9 @@ import pytest
 
 from speeder.checkpoint import read_meta
 from speeder_platform import storage
-from speeder_platform.bench_faults_train import registered_checkpoints
-from speeder_platform.evaluate import load_trained
-from speeder_platform.train import final_checkpoint, run_training, run_uri
+from speeder_platform.bench.faults.train import registered_checkpoints
+from speeder_platform.train.driver import run_training
+from speeder_platform.trained import final_checkpoint, load_trained, run_uri
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
     trained = load_trained(summary.checkpoint)
     assert trained.model.settings.max_history == 8
     # One recipe: the quality bench, given the same config, builds exactly the trainer's optimizer groups.
-    from speeder_platform.bench_quality_models import train_speeder
+    from speeder_platform.bench.quality.models import train_speeder
     from speeder_platform.tables import features_folder, load_item_features, load_samples
 
     features = load_item_features(dataset, cfg.featurize.name)

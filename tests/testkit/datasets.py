@@ -27,7 +27,7 @@ def write_random_features(dataset: str, name: str = "default", dims: tuple[int, 
     import torch
 
     from speeder.sasrec import SASRec
-    from speeder_platform.featurize_seq import sasrec_dir, save_sasrec
+    from speeder_platform.featurize.sequence import sasrec_dir, save_sasrec
     from speeder_platform.tables import features_folder
 
     items = storage.read_table(storage.join(dataset, schema.ITEMS_FILE))
@@ -63,7 +63,7 @@ def tiny_config(output_root: str, *overrides: str):
 
 def write_checkpoint(cfg, directory: str, stage: int = 3, seed: int = 0) -> str:
     """A checkpoint of an untrained model built from `cfg` on the dataset's features (no Ray needed),
-    recording those features as train_worker does."""
+    recording those features as train.worker does."""
     from speeder.checkpoint import save_checkpoint
     from speeder_platform.config import to_dict
     from speeder_platform.lineage import checkpoint_record, committed_features

@@ -46,7 +46,7 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
         sasrec_scorer,
         train_item_counts,
     )
-    from speeder_platform.recommender import Limits, Recommender, load_test_users
+    from speeder_platform.serve.recommender import Limits, Recommender, load_test_users
     from speeder_ui.app import BaselineBackend, LocalBackend, create_app
 
     root = tmp_path_factory.mktemp("ui")

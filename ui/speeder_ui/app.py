@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from speeder_platform.recommender import Recommender, RequestError, load_test_users
+from speeder_platform.serve.recommender import Recommender, RequestError, load_test_users
 
 log = logging.getLogger("speeder.ui")
 
@@ -96,7 +96,7 @@ class HttpBackend:
                  api_key_file: str | None = None) -> None:
         import httpx
 
-        from speeder_platform.serve import read_api_key
+        from speeder_platform.serve.app import read_api_key
 
         self.endpoint = endpoint.rstrip("/")
         self.label = label
@@ -181,7 +181,7 @@ def baseline_backends(cfg: Any, catalog: Backend) -> list[Backend]:
         sasrec_scorer,
         train_item_counts,
     )
-    from speeder_platform.featurize_seq import SASREC_META, load_sasrec, sasrec_dir
+    from speeder_platform.featurize.sequence import SASREC_META, load_sasrec, sasrec_dir
     from speeder_platform.tables import features_folder
 
     sequences, num_items = train_item_counts(cfg.data.uri)
@@ -356,10 +356,10 @@ def _backend(spec: str | None, cfg: Any, label: str) -> Backend:
     if spec and spec.startswith(("http://", "https://")):
         return HttpBackend(spec, label, api_key_file=cfg.serve.api_key_file)
     from speeder_platform import storage
-    from speeder_platform.serve import serve_settings
+    from speeder_platform.serve.app import serve_settings
 
     if spec and re.fullmatch(r"stage\d", spec):
-        from speeder_platform.train import FINAL_FILE, run_uri
+        from speeder_platform.trained import FINAL_FILE, run_uri
 
         stages = storage.read_json(storage.join(run_uri(cfg), FINAL_FILE))["stages"]
         found = [s["checkpoint"] for s in stages if f"stage{s['stage']}" == spec]

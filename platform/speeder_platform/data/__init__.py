@@ -1,4 +1,4 @@
-"""Dataset import: public formats -> the canonical layout of DESIGN 3.1.
+"""Dataset import: public formats -> the canonical layout of docs/data.md#layout.
 
     speeder data prepare movielens-100k --out runs/ml100k/data
     speeder data stats runs/ml100k/data

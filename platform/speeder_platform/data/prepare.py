@@ -1,4 +1,4 @@
-"""`speeder data prepare`: import a source, apply the protocol, write the canonical layout (DESIGN 3.1).
+"""`speeder data prepare`: import a source, apply the protocol, write the canonical layout (docs/data.md#layout).
 
     speeder data prepare movielens-100k --out runs/ml100k/data
     speeder data prepare synthetic --out s3://bucket/syn synthetic.num_users=500

@@ -1,4 +1,4 @@
-"""The dataset protocol of DESIGN 3.2 as pure functions on numpy arrays (no I/O).
+"""The dataset protocol (docs/data.md#protocol) as pure functions on numpy arrays (no I/O).
 
 `prepare` runs them in this order; every step is deterministic:
 

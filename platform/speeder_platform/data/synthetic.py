@@ -1,4 +1,4 @@
-"""Synthetic multimodal catalog (DESIGN 3.3): each modality carries a signal the others lack.
+"""Synthetic multimodal catalog (docs/data.md#synthetic): each modality carries a signal the others lack.
 
     speeder data prepare synthetic --out runs/syn/data synthetic.num_users=500
 

@@ -35,7 +35,8 @@ def loo_positions(split: str, n: int) -> range:
 
 def check_dataset(uri: str, *, kcore: int = 5, max_history: int = 20, num_candidates: int = 20
                   ) -> dict[str, Any]:
-    """Assert the DESIGN 3.1/3.2 invariants of the dataset at `uri`; returns its tables."""
+    """Assert the invariants of the dataset at `uri` (docs/data.md#layout, docs/data.md#protocol);
+    returns its tables."""
     items = storage.read_table(storage.join(uri, ITEMS_FILE))
     inter = storage.read_table(storage.join(uri, INTERACTIONS_FILE))
     assert items.schema.equals(protocol.ITEMS_SCHEMA)

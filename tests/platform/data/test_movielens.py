@@ -1,4 +1,5 @@
-"""MovieLens-100K: the real counts after 5-core (DESIGN 7), and the GroupLens raw-file path."""
+"""MovieLens-100K: the real counts after 5-core (docs/benchmarks.md#reference-figures), and the GroupLens
+raw-file path."""
 
 import os
 import time
@@ -22,7 +23,8 @@ def ml100k(tmp_path_factory):
 
 def test_ml100k_counts_after_5core(ml100k, assert_valid_dataset) -> None:
     out, report, seconds = ml100k
-    # DESIGN 7: 943 users, 1,349 items, 99,287 interactions; leave-one-out leaves n - 3 train samples a user.
+    # docs/benchmarks.md#reference-figures: 943 users, 1,349 items, 99,287 interactions; leave-one-out
+    # leaves n - 3 train samples a user.
     assert (report.raw_users, report.raw_items, report.raw_interactions) == (943, 1682, 100_000)
     assert (report.users, report.items, report.interactions) == (943, 1349, 99_287)
     assert report.split_sizes == {"train": 99_287 - 3 * 943, "valid": 943, "test": 943}

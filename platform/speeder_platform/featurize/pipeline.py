@@ -5,9 +5,9 @@
 
 Ray Data streams `<data>/items.parquet` (local or s3://) through
     text actors (featurize.text_actors x TextEmbedder)  -> text_emb
-    image decode tasks (featurize_ops.decode_images)     -> pixels + a status per image
+    image decode tasks (featurize.ops.decode_images)     -> pixels + a status per image
     vision actors (featurize.vision_actors x ImageEmbedder) -> image_emb (null without a usable image)
-while a Ray task trains SASRec on the train part of every sequence (featurize_seq) -> seq_emb.
+while a Ray task trains SASRec on the train part of every sequence (featurize.sequence) -> seq_emb.
 Encoder actors get `featurize.actor_num_cpus` CPUs (fractional on small machines) and a GPU each when
 the cluster has GPUs (or `featurize.actor_num_gpus`).
 
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from speeder import schema
 from speeder_platform import lineage, storage
 from speeder_platform.config import SpeederConfig, to_dict
-from speeder_platform.featurize_ops import (
+from speeder_platform.featurize.ops import (
     EMB_TYPE,
     IMAGE_STATUS,
     ImageEmbedder,
@@ -45,7 +45,7 @@ from speeder_platform.featurize_ops import (
     null_column,
     status_counts,
 )
-from speeder_platform.featurize_seq import SequenceFeatures, sequence_features
+from speeder_platform.featurize.sequence import SequenceFeatures, sequence_features
 from speeder_platform.tables import features_folder, features_uri, require_columns
 
 log = logging.getLogger("speeder.featurize")

@@ -29,7 +29,7 @@ from speeder_platform import storage
 from speeder_platform.config import ServeConfig
 
 if TYPE_CHECKING:
-    from speeder_platform.evaluate import TrainedModel
+    from speeder_platform.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,13 @@ def _same_uri(a: str, b: str) -> bool:
 def resolve_image_uri(dataset: str, image_uri: str | None) -> str | None:
     """An items.parquet image_uri as a storage URI we may read, or None.
 
-    The featurize job's rule (featurize_ops.locate_image), so the API serves exactly the images the
+    The featurize job's rule (featurize.ops.locate_image), so the API serves exactly the images the
     model saw: relative paths stay inside the dataset root (`..` and symlinks resolved first), absolute
     local paths only when inside a local root, s3:// as given; anything escaping the root
     (`../../etc/passwd`, `/etc/passwd`, a link out) is refused and logged. Remote web URLs are never
     fetched: nothing leaves the machine, so such items simply have no image here.
     """
-    from speeder_platform.featurize_ops import REFUSED, locate_image
+    from speeder_platform.featurize.ops import REFUSED, locate_image
 
     status, uri = locate_image(image_uri, dataset)
     if status == REFUSED:
@@ -154,7 +154,7 @@ class Recommender:
         of `speeder evaluate`) is reported by `metadata()` when it evaluated this very checkpoint.
         """
         from speeder_platform.config import from_dict
-        from speeder_platform.evaluate import load_trained
+        from speeder_platform.trained import load_trained
 
         trained = load_trained(checkpoint, dataset, features_name, device)
         dataset = dataset or from_dict(trained.meta["config"]).data.uri
@@ -205,7 +205,7 @@ class Recommender:
         uri = self.images[self.item(item_id)["item_id"]]
         if uri is None:
             return None
-        from speeder_platform.featurize_ops import read_image_bytes
+        from speeder_platform.featurize.ops import read_image_bytes
 
         status, data = read_image_bytes(uri)  # regular files only, size-capped, never raises
         if data is None:

@@ -24,17 +24,10 @@ from speeder_platform.config import SpeederConfig, to_dict
 from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import ensure_ray
 from speeder_platform.tables import available_modalities, load_item_features, split_uri
-from speeder_platform.train_worker import METRIC, train_loop_per_worker
+from speeder_platform.train.worker import METRIC, train_loop_per_worker
+from speeder_platform.trained import FINAL_FILE, STAGES_FILE, run_uri
 
 log = logging.getLogger("speeder.train")
-
-STAGES_FILE = "stages.json"
-FINAL_FILE = "final.json"
-
-
-def run_uri(cfg: SpeederConfig) -> str:
-    return storage.join(cfg.trainer.storage_path, cfg.trainer.run_name)
-
 
 @dataclass
 class TrainSummary:
@@ -107,7 +100,8 @@ def _cpus_per_worker(cfg: SpeederConfig) -> float:
     if cfg.trainer.cpus_per_worker is not None:
         return cfg.trainer.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    # Leave half a CPU to Ray Data's split coordinator and read tasks, or they starve (STACK-NOTES).
+    # Leave half a CPU to Ray Data's split coordinator and read tasks, or they starve
+    # (docs/stack-notes.md#ray-data-cpus).
     return max(0.25, min(1.0, (cpus - 0.5) / cfg.trainer.num_workers))
 
 
@@ -185,10 +179,3 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
     storage.write_json(storage.join(root, FINAL_FILE), {"checkpoint": summary.checkpoint, "stages": done})
     return summary
 
-
-def final_checkpoint(cfg: SpeederConfig) -> str:
-    """The checkpoint a finished run names as final (what evaluate/score/serve use by default)."""
-    uri = storage.join(run_uri(cfg), FINAL_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no trained model at {uri}: run `speeder train` first or pass a checkpoint")
-    return storage.read_json(uri)["checkpoint"]

@@ -20,8 +20,8 @@ import numpy as np
 
 from speeder import schema
 from speeder_platform import storage
-from speeder_platform.bench_faults_data import set_image_uris
-from speeder_platform.bench_faults_env import Workspace, alive_actors, kill_pid, outcome, wait_for
+from speeder_platform.bench.faults.data import set_image_uris
+from speeder_platform.bench.faults.env import Workspace, alive_actors, kill_pid, outcome, wait_for
 
 APP = "speeder-faults"
 REPLICA = "SpeederServer"  # the replicas' actor class is ServeReplica:<app>:SpeederServer
@@ -36,8 +36,8 @@ def serve_url(ws: Workspace) -> str:
         return ws.serve_url
     from ray import serve
 
-    from speeder_platform.bench_serve import _free_port
-    from speeder_platform.serve import serve_settings, start
+    from speeder_platform.bench.serve import _free_port
+    from speeder_platform.serve.app import serve_settings, start
 
     data = ws.path("serve-data")
     shutil.copytree(ws.dataset, data, symlinks=True)
@@ -188,8 +188,8 @@ def serve_request_timeout(ws: Workspace, timeout_s: float = 2.0, stall_s: float 
     import httpx
     from ray import serve
 
-    from speeder_platform.bench_serve import _free_port
-    from speeder_platform.serve import serve_settings, start
+    from speeder_platform.bench.serve import _free_port
+    from speeder_platform.serve.app import serve_settings, start
 
     started = time.perf_counter()
     if ws.serve_url:

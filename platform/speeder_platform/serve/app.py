@@ -10,7 +10,7 @@
 Each replica loads the checkpoint and builds the catalog's item tokens once. Concurrent requests are
 gathered by `@serve.batch` into one forward pass (up to serve.max_batch_size histories, waiting at most
 serve.batch_wait_timeout_s). `/openapi.json` describes every body, status and error exactly (the models
-in serve_api); every error is `{"detail": "k: must be ...", "field": "k"}`. Bodies over
+in serve.api); every error is `{"detail": "k: must be ...", "field": "k"}`. Bodies over
 serve.max_body_bytes are refused before they are parsed, so no payload can take a replica down.
 
 API key: with $SPEEDER_API_KEY set, or serve.api_key_file naming a file that holds the key, every
@@ -25,7 +25,7 @@ Without a key the API is open, as on a laptop, and `application` logs a warning.
 Overload and time: a replica holds serve.max_ongoing_requests; up to serve.max_queued_requests more wait
 at Serve's proxy, and beyond that a request gets a JSON 503 with Retry-After at once. A request still
 unanswered after serve.request_timeout_s gets a JSON 504. With serve.num_replicas >= 2 a replica that
-dies is routed around; a request it held runs again on another one (serve_proxy.RetryOnReplicaDeath,
+dies is routed around; a request it held runs again on another one (serve.proxy.RetryOnReplicaDeath,
 installed in Serve's proxy by `start`; on a cluster set its environment variable on the nodes).
 """
 
@@ -45,8 +45,7 @@ from fastapi.responses import Response
 
 from speeder_platform import storage
 from speeder_platform.config import ServeConfig, SpeederConfig
-from speeder_platform.recommender import Limits, Query, Recommender, RequestError
-from speeder_platform.serve_api import (
+from speeder_platform.serve.api import (
     IMAGE_TYPES,
     BatchRecommendResponse,
     BearerAuth,
@@ -66,6 +65,7 @@ from speeder_platform.serve_api import (
     request_models,
     responses,
 )
+from speeder_platform.serve.recommender import Limits, Query, Recommender, RequestError
 
 log = logging.getLogger("speeder.serve")
 
@@ -109,7 +109,7 @@ def _absolute(uri: str) -> str:
 
 def serve_settings(cfg: SpeederConfig, checkpoint: str | None = None) -> ServeSettings:
     """The served checkpoint (explicit, serve.checkpoint, or the run's final one) and the serve.* limits."""
-    from speeder_platform.evaluate import resolve_checkpoint
+    from speeder_platform.trained import resolve_checkpoint
 
     s = cfg.serve
     uri = resolve_checkpoint(cfg, checkpoint or s.checkpoint)
@@ -290,7 +290,7 @@ def application(settings: ServeSettings, num_replicas: int = 1, access_log: bool
     """
     from ray.serve.config import BackpressureConfig
 
-    from speeder_platform.serve_proxy import RETRY_AFTER_S
+    from speeder_platform.serve.proxy import RETRY_AFTER_S
 
     locked = read_api_key(settings.api_key_file) is not None
     if not locked:
@@ -329,7 +329,7 @@ def start(cfg: SpeederConfig, settings: ServeSettings, port: int | None = None, 
     from ray import serve
 
     from speeder_platform.ray_utils import ensure_ray
-    from speeder_platform.serve_proxy import install_proxy_hook
+    from speeder_platform.serve.proxy import install_proxy_hook
 
     install_proxy_hook()  # before Ray starts: the proxy inherits the environment of the Ray it runs in
     ensure_ray(cfg)

@@ -75,7 +75,7 @@ def ensure_features(cfg: Any) -> dict[str, Any]:
     """Run the project's featurize (skipped by featurize itself when up to date); stop the Ray it started."""
     import ray
 
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.featurize.pipeline import run_featurize
 
     started = not ray.is_initialized()
     try:

@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 def _histories(dataset: str, max_history: int) -> list[list[int]]:
-    from speeder_platform.recommender import load_test_users
+    from speeder_platform.serve.recommender import load_test_users
 
     return [h[-max_history:] for h, _ in load_test_users(dataset).values() if h]
 
@@ -78,7 +78,7 @@ def run_bench_serve(cfg: SpeederConfig, checkpoint: str | None = None, requests:
     from ray import serve
 
     from speeder_platform.ray_utils import ensure_ray
-    from speeder_platform.serve import application, serve_settings
+    from speeder_platform.serve.app import application, serve_settings
 
     settings = serve_settings(cfg, checkpoint)
     histories = _histories(settings.dataset, settings.max_history)

@@ -19,7 +19,7 @@ own HAProxy ingress; they are dropped from every request here.
 
 Serve installs proxy middlewares through its hook, an environment variable of the proxy's process:
 
-    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=speeder_platform.serve_proxy:proxy_middlewares
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=speeder_platform.serve.proxy:proxy_middlewares
 
 `speeder serve` sets it before it starts a local Ray (the proxy inherits it); on a cluster, set it in
 the nodes' environment. It runs inside the proxy process, so it imports nothing heavy (config: no torch).
@@ -39,7 +39,7 @@ from speeder_platform.config import ServeConfig
 log = logging.getLogger("speeder.serve")
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "speeder_platform.serve_proxy:proxy_middlewares"
+PROXY_CALLBACK = "speeder_platform.serve.proxy:proxy_middlewares"
 MAX_REPLAY_BYTES = ServeConfig.max_body_bytes  # the replicas refuse larger bodies by default anyway
 RETRY_DELAYS_S = (0.2, 1.0, 2.0)  # pauses before each new attempt: the router learns of the death meanwhile
 RETRY_AFTER_S = 2
@@ -199,7 +199,7 @@ async def _unavailable(send: Send) -> None:
 
 
 async def _send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-    """The API's error body (serve_api.ErrorBody) for a failure of the service, not of the request."""
+    """The API's error body (serve.api.ErrorBody) for a failure of the service, not of the request."""
     body = json.dumps({"detail": f"service: {message}", "field": "service"}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

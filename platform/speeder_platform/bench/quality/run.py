@@ -8,7 +8,7 @@ Per dataset (ML-100K and the synthetic multimodal catalog), on the same splits a
 candidates for every model:
 - Popularity, SASRec (featurize's, loaded), the multi-token LLaRA-style baseline (same backbone and
   LoRA as Speeder; small stated budget, evaluated on a seeded subset of test users: it generates), and
-  Speeder with one row per lever turned off (`bench_quality_models.VARIANTS`: the paper's model with
+  Speeder with one row per lever turned off (`bench.quality.models.VARIANTS`: the paper's model with
   no lever, no dense loss, final-token readout, no readout skip, no item prior, no SASRec skip, ...,
   no PPT, no PPL, no MPO, text only, no vision, no sequence). Every variant trains with the recipe of
   the dataset's job spec (the trainer's own settings and code) and gets the full model's total
@@ -18,7 +18,7 @@ candidates for every model:
 - Cold start: 10% of the items held out of training entirely; HR@1 on test samples whose target is
   one of them (Speeder ranks them by content; SASRec has only an untrained id embedding).
 - Missing modalities: 30% of the images (when the catalog has them) or texts masked at test time.
-Speeder trains with the single-process loop (`bench_quality_models`); features come from the
+Speeder trains with the single-process loop (`bench.quality.models`); features come from the
 project's featurize (made if missing). Writes results.md, results.json and PNG plots under --out.
 """
 
@@ -47,7 +47,7 @@ from speeder_platform.baselines_eval import (
     sasrec_scorer,
     train_item_counts,
 )
-from speeder_platform.bench_quality_data import (
+from speeder_platform.bench.quality.data import (
     FEATURES_NAME,
     BenchData,
     cold_sasrec,
@@ -56,7 +56,7 @@ from speeder_platform.bench_quality_data import (
     mask_modality,
     with_sequence,
 )
-from speeder_platform.bench_quality_models import (
+from speeder_platform.bench.quality.models import (
     VARIANTS,
     Budget,
     TrainedSpeeder,
@@ -74,7 +74,7 @@ from speeder_platform.config import SpeederConfig, to_dict
 
 log = logging.getLogger("speeder.bench")
 
-MAX_HISTORY = 20  # the protocol's default (DESIGN 3.2)
+MAX_HISTORY = 20  # the protocol's default (docs/data.md#max-history)
 PARTS = ("llara", "cold-start", "missing")
 
 
@@ -251,8 +251,8 @@ def run_missing(data: BenchData, speeder: TrainedSpeeder, reference: dict[str, f
 
 
 def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dict[str, Any]:
-    from speeder_platform.featurize import features_dir
-    from speeder_platform.featurize_seq import load_sasrec, sasrec_dir
+    from speeder_platform.featurize.pipeline import features_dir
+    from speeder_platform.featurize.sequence import load_sasrec, sasrec_dir
 
     t0 = time.perf_counter()
     torch.set_num_threads(setup.threads)
@@ -362,7 +362,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out."""
-    from speeder_platform.bench_quality_report import write_results
+    from speeder_platform.bench.quality.report import write_results
 
     args = parse_args(argv)
     names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]

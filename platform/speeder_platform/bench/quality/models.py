@@ -92,7 +92,7 @@ def plan_for(cfg: ModelConfig, features: ItemFeatures) -> list[Stage]:
 def recipe_steps(cfg: SpeederConfig, features: ItemFeatures, num_train: int) -> dict[int, int]:
     """Optimiser steps per stage that `speeder train` runs with cfg on one worker (the bench is one
     process): samples per stage (trainer.stage_samples / max_train_samples, else the split) / batch x epochs."""
-    from speeder_platform.train import stage_sample_limit, steps_per_epoch
+    from speeder_platform.train.driver import stage_sample_limit, steps_per_epoch
 
     one = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=1))
     return {s.index: steps_per_epoch(min(num_train, stage_sample_limit(one, s.index) or num_train), one)
@@ -122,7 +122,7 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
     """`steps` optimiser steps of one stage through `fit`, in `curve_points` chunks -> the loss curve and the
     optimizer groups (as `modeling.describe_groups`)."""
     from speeder_platform.modeling import describe_groups, stage_groups
-    from speeder_platform.train import stage_sample_indices
+    from speeder_platform.train.driver import stage_sample_indices
 
     t = cfg.trainer
     groups = stage_groups(model, stage, t)
@@ -196,7 +196,7 @@ def build_llara(cfg: ModelConfig, titles: list[str], behaviour: torch.Tensor, se
 def train_llara(model: Any, train: Samples, budget: Budget, seed: int, lr: float,
                 lora_lr: float) -> list[dict[str, float]]:
     """Teacher-forced answer loss on candidate prompts for budget.llara_steps steps -> the loss curve."""
-    from speeder_platform.train import stage_sample_indices
+    from speeder_platform.train.driver import stage_sample_indices
 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]

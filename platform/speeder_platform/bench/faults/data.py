@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from speeder import schema
 from speeder_platform import storage
-from speeder_platform.bench_faults_env import Workspace, outcome
+from speeder_platform.bench.faults.env import Workspace, outcome
 from speeder_platform.data.amazon import MAX_TEXT_CHARS, MAX_TITLE_CHARS, has_unsafe_text
 
 CORE_USERS = CORE_ITEMS = 12
@@ -183,7 +183,7 @@ def featurize_bad_images(ws: Workspace) -> dict[str, Any]:
     what the later scenarios should run on anyway).
     """
     from speeder_platform.data.prepare import prepare_dataset
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.featurize.pipeline import run_featurize
     from speeder_platform.tables import features_uri
 
     started = time.perf_counter()
@@ -211,9 +211,9 @@ def featurize_bad_images(ws: Workspace) -> dict[str, Any]:
 # -- features and the checkpoints trained on them ---------------------------------------------------
 def _refusals(ws: Workspace, cfg: Any, data: str) -> dict[str, str | None]:
     """Each consumer of features -> its one-line refusal, or None when it went ahead."""
-    from speeder_platform.evaluate import load_trained
     from speeder_platform.lineage import FeaturesError
     from speeder_platform.score import run_score
+    from speeder_platform.trained import load_trained
 
     found: dict[str, str | None] = {}
     for consumer, call in {"scoring": lambda: run_score(cfg),
@@ -231,7 +231,7 @@ def _scored_copy(ws: Workspace, name: str) -> tuple[Any, str, pa.Table]:
     and the partition that scoring commits while the features are still the ones trained on."""
     import shutil
 
-    from speeder_platform.bench_faults_score import DATE
+    from speeder_platform.bench.faults.score import DATE
     from speeder_platform.score import read_scores, run_score
 
     data = ws.path(f"data-{name}")
@@ -253,8 +253,8 @@ def features_corrupt(ws: Workspace) -> dict[str, Any]:
     """Rot one byte in the middle of a committed features table (a disk error, a bad copy): scoring and
     serving must refuse it, featurize must make it again rather than call it up to date, yesterday's
     scores must stay."""
-    from speeder_platform.bench_faults_score import DATE
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.bench.faults.score import DATE
+    from speeder_platform.featurize.pipeline import run_featurize
     from speeder_platform.score import read_scores, run_score
     from speeder_platform.tables import features_uri
 
@@ -279,8 +279,8 @@ def features_corrupt(ws: Workspace) -> dict[str, Any]:
 def features_checkpoint_mismatch(ws: Workspace) -> dict[str, Any]:
     """Featurize a refreshed catalog (same items, texts moved around: same ids, same dims) after the model
     was trained: the model must refuse the new features, naming both fingerprints."""
-    from speeder_platform.bench_faults_score import DATE
-    from speeder_platform.featurize import run_featurize
+    from speeder_platform.bench.faults.score import DATE
+    from speeder_platform.featurize.pipeline import run_featurize
     from speeder_platform.lineage import committed_features
     from speeder_platform.score import read_scores
 

@@ -1,8 +1,8 @@
-"""Sequence features (DESIGN 4.1): SASRec item embeddings trained on the train part of each sequence.
+"""Sequence features (docs/model.md#item-features): SASRec item embeddings trained on the train part of each sequence.
 
 No leakage: the train part of a user's sequence is their chronological items (interactions.parquet,
 ties in file order, i.e. the protocol's order) minus the last two, which are the valid and the test
-targets (DESIGN 3.2). SASRec never sees those two positions, as input or as target.
+targets (docs/data.md#leave-one-out). SASRec never sees those two positions, as input or as target.
 
 seq_emb is null for items with no train interaction: their rows of the item table never received a
 gradient, so they hold only the random initialisation and would tell MRC nothing.

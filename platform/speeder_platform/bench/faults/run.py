@@ -11,7 +11,7 @@ removed afterwards. A scenario reports what it injected, what it observed, wheth
 and whether it passed (the fault really hit and the system recovered as designed). The command exits
 1 when any scenario lost data or failed. The whole run takes a few minutes on 2 CPU cores.
 
-Scenarios live in bench_faults_data / _train / _score / _serve; what they share in bench_faults_env.
+Scenarios live in bench/faults/data.py, train.py, score.py and serve.py; what they share in env.py.
 The tests in tests/fault call the same scenario functions, every one of them (tests/fault/test_bench_faults.py
 checks that none is left out).
 """
@@ -32,21 +32,21 @@ log = logging.getLogger("speeder.bench")
 
 # name -> "module:function", in running order (training first: its checkpoint serves scoring and serving).
 SCENARIOS = {
-    "data-import": "bench_faults_data:data_import",
-    "featurize-bad-images": "bench_faults_data:featurize_bad_images",
-    "checkpoint-crash-mid-write": "bench_faults_train:checkpoint_crash_mid_write",
-    "train-worker-killed": "bench_faults_train:train_worker_killed",
-    "train-driver-restarted": "bench_faults_train:train_driver_restarted",
-    "checkpoint-not-pickle": "bench_faults_train:checkpoint_not_pickle",
-    "features-corrupt": "bench_faults_data:features_corrupt",
-    "features-checkpoint-mismatch": "bench_faults_data:features_checkpoint_mismatch",
-    "score-actor-killed": "bench_faults_score:score_actor_killed",
-    "score-s3-outage": "bench_faults_score:score_s3_outage",
-    "score-same-date-twice": "bench_faults_score:score_same_date_twice",
-    "disk-full-write": "bench_faults_score:disk_full_write",
-    "serve-hostile-payloads": "bench_faults_serve:serve_hostile_payloads",
-    "serve-replica-killed": "bench_faults_serve:serve_replica_killed",
-    "serve-request-timeout": "bench_faults_serve:serve_request_timeout",  # last: it restarts Serve
+    "data-import": "data:data_import",
+    "featurize-bad-images": "data:featurize_bad_images",
+    "checkpoint-crash-mid-write": "train:checkpoint_crash_mid_write",
+    "train-worker-killed": "train:train_worker_killed",
+    "train-driver-restarted": "train:train_driver_restarted",
+    "checkpoint-not-pickle": "train:checkpoint_not_pickle",
+    "features-corrupt": "data:features_corrupt",
+    "features-checkpoint-mismatch": "data:features_checkpoint_mismatch",
+    "score-actor-killed": "score:score_actor_killed",
+    "score-s3-outage": "score:score_s3_outage",
+    "score-same-date-twice": "score:score_same_date_twice",
+    "disk-full-write": "score:disk_full_write",
+    "serve-hostile-payloads": "serve:serve_hostile_payloads",
+    "serve-replica-killed": "serve:serve_replica_killed",
+    "serve-request-timeout": "serve:serve_request_timeout",  # last: it restarts Serve
 }
 COLUMNS = ("scenario", "injected", "observed", "data lost", "passed", "seconds")
 
@@ -54,7 +54,7 @@ COLUMNS = ("scenario", "injected", "observed", "data lost", "passed", "seconds")
 def scenario(name: str) -> Callable[..., dict[str, Any]]:
     """The scenario function registered under `name` (imported on demand: the modules import Ray)."""
     module, function = SCENARIOS[name].split(":")
-    return getattr(importlib.import_module(f"speeder_platform.{module}"), function)
+    return getattr(importlib.import_module(f"speeder_platform.bench.faults.{module}"), function)
 
 
 def run_one(name: str, ws: Any) -> dict[str, Any]:
@@ -100,8 +100,8 @@ def run_faults(names: list[str], keep: bool = False) -> list[dict[str, Any]]:
     """Run scenarios in one workspace on an embedded local Ray; clean everything up afterwards."""
     import ray
 
-    from speeder_platform.bench_faults_env import Workspace, bench_credentials
-    from speeder_platform.serve_proxy import install_proxy_hook
+    from speeder_platform.bench.faults.env import Workspace, bench_credentials
+    from speeder_platform.serve.proxy import install_proxy_hook
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is 15-35x faster on 2 cores
     install_proxy_hook()  # before Ray starts: Serve's proxy inherits it (serve-replica-killed needs it)

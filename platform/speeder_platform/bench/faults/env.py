@@ -52,7 +52,7 @@ class S3Server:
     """
 
     def __init__(self) -> None:
-        from speeder_platform.bench_serve import _free_port
+        from speeder_platform.bench.serve import _free_port
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.port = _free_port()
@@ -143,7 +143,7 @@ class Workspace:
     def dataset(self) -> str:
         """The synthetic catalog, prepared and featurized (hashed text, EfficientNet images, SASRec)."""
         from speeder_platform.data.prepare import prepare_dataset
-        from speeder_platform.featurize import run_featurize
+        from speeder_platform.featurize.pipeline import run_featurize
 
         cfg = self.config(f"data.uri={self.path('data')}")
         prepare_dataset(cfg.prepare, cfg.data.uri)
@@ -153,7 +153,7 @@ class Workspace:
     @cached_property
     def checkpoint(self) -> str:
         """A checkpoint of a short real training run (stage 1) on the dataset."""
-        from speeder_platform.train import run_training
+        from speeder_platform.train.driver import run_training
 
         cfg = self.config("trainer.max_steps_per_epoch=4", "trainer.run_name=workspace")
         return run_training(cfg).checkpoint

@@ -214,7 +214,7 @@ def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = 
     for system in ("speeder", "llara"):
         log.info("measuring %s (%s)...", system, backbone)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        proc = subprocess.run([sys.executable, "-m", "speeder_platform.bench_speed", "--worker", system,
+        proc = subprocess.run([sys.executable, "-m", "speeder_platform.bench.speed", "--worker", system,
                                json.dumps(args)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"bench speed worker {system} failed:\n{proc.stderr[-3000:]}")

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from speeder import schema
 from speeder_platform import storage
-from speeder_platform.bench_faults_env import Workspace, alive_actors, kill_pid, outcome, wait_for
+from speeder_platform.bench.faults.env import Workspace, alive_actors, kill_pid, outcome, wait_for
 from speeder_platform.score import read_scores, run_score
 
 log = logging.getLogger("speeder.bench")

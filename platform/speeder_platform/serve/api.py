@@ -2,7 +2,7 @@
 
 serve.build_api wires these into FastAPI routes; `/openapi.json` is generated from them, so the
 document and the API cannot drift apart. Every error, whoever raises it (a route, FastAPI's parameter
-validation, the middlewares here, Serve's proxy through serve_proxy), has one body:
+validation, the middlewares here, Serve's proxy through serve.proxy), has one body:
 
     {"detail": "history[2]: unknown item id 999 (the catalog has ids 0..79)", "field": "history[2]"}
 
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 from starlette.exceptions import HTTPException
 
-from speeder_platform.recommender import MAX_QUERY_CHARS, MAX_SEARCH_LIMIT, Limits, RequestError
+from speeder_platform.serve.recommender import MAX_QUERY_CHARS, MAX_SEARCH_LIMIT, Limits, RequestError
 
 log = logging.getLogger("speeder.serve")
 

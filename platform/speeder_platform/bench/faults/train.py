@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from speeder_platform import storage
-from speeder_platform.bench_faults_env import Workspace, alive_actors, kill_pid, outcome, wait_for
+from speeder_platform.bench.faults.env import Workspace, alive_actors, kill_pid, outcome, wait_for
 
 EPOCHS, STEPS = 3, 12  # 36 steps, a checkpoint every 3: a kill after the first leaves most of the stage
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
@@ -75,7 +75,7 @@ def _train_config(ws: Workspace, name: str):
 
 def _loads(checkpoint: str) -> str | None:
     """None when the checkpoint loads into a model, else the error."""
-    from speeder_platform.evaluate import load_trained
+    from speeder_platform.trained import load_trained
 
     try:
         load_trained(checkpoint)
@@ -100,7 +100,7 @@ def _judge(run: dict[str, Any]) -> tuple[bool, str]:
 
 def train_worker_killed(ws: Workspace) -> dict[str, Any]:
     """SIGKILL a Ray Train worker once Ray Train registered a checkpoint; the stage must resume from it."""
-    from speeder_platform.train import run_training
+    from speeder_platform.train.driver import run_training
 
     started = time.perf_counter()
     cfg = _train_config(ws, "worker-killed")
@@ -139,7 +139,7 @@ def train_driver_restarted(ws: Workspace) -> dict[str, Any]:
 
     from speeder_platform.config import to_yaml
     from speeder_platform.ray_utils import ensure_ray
-    from speeder_platform.train import FINAL_FILE, STAGES_FILE, run_uri
+    from speeder_platform.trained import FINAL_FILE, STAGES_FILE, run_uri
 
     started = time.perf_counter()
     cfg = _train_config(ws, "driver-restarted")
