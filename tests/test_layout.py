@@ -31,12 +31,6 @@ def test_model_package_imports_no_ray() -> None:
     assert offenders == []
 
 
-def test_speeder_cli_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "speeder_platform.cli", "--help"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    assert "data" in out.stdout and "model" in out.stdout
-
-
 # Files that may name the design documents that lived outside the repository: docs/ (which replaced
 # them) and README.md (edited by hand).
 CITATION_EXEMPT = ("docs/", "README.md")

@@ -157,21 +157,27 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from speeder_platform.bench.quality.run import main as bench_quality_main
+    from speeder_platform.bench.quality.run import run_command
 
-    return bench_quality_main(args.args)
+    return run_command(args, command=" ".join(["speeder", *args.argv]))
 
 
 def _cmd_bench_faults(args: argparse.Namespace) -> int:
-    from speeder_platform.bench.faults.run import main as bench_faults_main
+    from speeder_platform.bench.faults.run import SCENARIOS, run_command
 
-    return bench_faults_main(args.args)
+    if args.list:
+        sys.stdout.write("\n".join(SCENARIOS) + "\n")
+        return 0
+    return run_command(args.only, args.out, keep=args.keep)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from speeder_platform.report import main as report_main
+    from speeder_platform.report import write_report
 
-    return report_main(args.args)
+    uri = write_report(args.config, args.overrides, args.out, baselines=not args.no_baselines,
+                       diagnose=not args.no_diagnose)
+    sys.stdout.write(f"report: {uri}\n")
+    return 0
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
@@ -186,6 +192,46 @@ def _add_config_command(sub, name: str, help_text: str, func: Callable[[argparse
     cmd.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.num_workers=4")
     cmd.set_defaults(func=func)
     return cmd
+
+
+def _add_bench_quality(bsub) -> None:
+    from speeder_platform.bench.quality.variants import FEATURES_NAME, PARTS, VARIANTS
+
+    q = bsub.add_parser("quality", help="test-split tables: baselines, Speeder and one row per lever, cold-start "
+                        "items, missing modalities (markdown, JSON, PNG)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--dataset", choices=("ml100k", "synthetic", "both"), default="both")
+    q.add_argument("--out", default="runs/bench/quality", help="results.md, results.json and PNG plots")
+    q.add_argument("--ml100k-data", default="runs/bench/ml100k", help="ML-100K dataset (prepared if missing)")
+    q.add_argument("--synthetic-data", default="runs/bench/synthetic", help="synthetic dataset (made if missing)")
+    q.add_argument("--features-name", default=FEATURES_NAME, help="features/<name> to use or make; `default` "
+                   "reuses a job's features made with the same encoders")
+    q.add_argument("--synthetic-users", type=int, default=1000, help="users of a newly made synthetic set")
+    q.add_argument("--ml100k-spec", default="jobs/demo.yaml", help="ML-100K recipe: model, trainer, featurize")
+    q.add_argument("--synthetic-spec", default="jobs/synthetic.yaml", help="synthetic-set recipe")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting for every variant (repeatable), e.g. trainer.stage_samples=[...]")
+    q.add_argument("--variants", default=",".join(VARIANTS), help="Speeder variants, comma-separated")
+    q.add_argument("--skip", default="", help=f"parts to skip, comma-separated: {', '.join(PARTS)}")
+    q.add_argument("--valid-users", type=int, help="stage-end validation users (0: all; default per dataset)")
+    q.add_argument("--llara-steps", type=int, help="LLaRA training steps (default per dataset)")
+    q.add_argument("--llara-eval-users", type=int, help="LLaRA test users (0: all; default per dataset)")
+    q.add_argument("--cold-fraction", type=float, default=0.1, help="share of items held out (cold start)")
+    q.add_argument("--missing-rate", type=float, default=0.3, help="share of images/texts masked at test time")
+    q.add_argument("--threads", type=int, help="torch threads (default: 1 for tiny backbones, else 2)")
+    q.set_defaults(func=_cmd_bench_quality)
+
+
+def _add_bench_faults(bsub) -> None:
+    from speeder_platform.bench.faults.run import SCENARIOS
+
+    f = bsub.add_parser("faults", help="fault-injection scenarios: what was injected, what was observed, data lost")
+    f.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
+                   help=f"run only these scenarios (in the usual order): {', '.join(SCENARIOS)}")
+    f.add_argument("--out", metavar="FILE.json", help="also write the results as JSON (local path or s3://)")
+    f.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is logged)")
+    f.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    f.set_defaults(func=_cmd_bench_faults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,19 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the trainer's, 0 = fresh tokens for every item at every step)")
     bspeed.add_argument("--out", help="write the figures as JSON here")
     bspeed.set_defaults(func=_cmd_bench_speed)
-    bquality = bsub.add_parser("quality", help="test-split tables: baselines, Speeder and its ablations, cold-start "
-                               "items, missing modalities (markdown, JSON, PNG); `--help` lists its options",
-                               add_help=False)
-    bquality.add_argument("args", nargs=argparse.REMAINDER)
-    bquality.set_defaults(func=_cmd_bench_quality)
-    bfaults = bsub.add_parser("faults", help="fault-injection scenarios: what was injected, what was observed, "
-                              "data lost; `--help` lists its options", add_help=False)
-    bfaults.add_argument("args", nargs=argparse.REMAINDER)
-    bfaults.set_defaults(func=_cmd_bench_faults)
-    report = sub.add_parser("report", help="the run report (markdown + plots) of a finished job; `--help` lists "
-                            "its options", add_help=False)
-    report.add_argument("args", nargs=argparse.REMAINDER)
-    report.set_defaults(func=_cmd_report)
+    _add_bench_quality(bsub)
+    _add_bench_faults(bsub)
+    report = _add_config_command(sub, "report", "the run report of a finished job: markdown, plots, results.json",
+                                 _cmd_report)
+    report.add_argument("--out", help="report folder (default <output_root>/report)")
+    report.add_argument("--no-baselines", action="store_true",
+                        help="do not compute popularity/SASRec when the job wrote no baselines.json")
+    report.add_argument("--no-diagnose", action="store_true",
+                        help="do not run `speeder diagnose` when the job wrote no diagnose.json")
 
     job = sub.add_parser("job", help="run a job spec's steps on local Ray, or submit it to a cluster")
     job.add_argument("spec", help="a job spec (jobs/*.yaml)")
@@ -296,18 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASS_THROUGH = (("bench", "quality"), ("bench", "faults"), ("report",))  # commands that parse their own options
-
-
-def _command_end(argv: list[str]) -> int:
-    """Index in argv just after a pass-through command's words (global options may come before them)."""
-    for words in PASS_THROUGH:
-        for i in range(len(argv) - len(words) + 1):
-            if tuple(argv[i:i + len(words)]) == words and all(a.startswith("-") for a in argv[:i]):
-                return i + len(words)
-    raise AssertionError(f"not a pass-through command: {argv}")
-
-
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -315,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Overrides (key=value) may come anywhere, also after options: `prepare X --out Y a.b=1`.
     args, extra = parser.parse_known_args(argv)
-    if hasattr(args, "args"):  # a command with its own parser: every word after the command is its own
-        at = _command_end(argv)
-        args.args, extra = argv[at:], []
-        if args.args[:1] == ["--"]:
-            args.args = args.args[1:]
+    args.argv = argv  # the command line as typed (benches record it with their results)
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]

@@ -15,10 +15,8 @@ The plotting helpers here also draw `speeder bench quality`'s figures.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -352,20 +350,3 @@ def write_report(config: str, overrides: list[str], out: str | None = None, base
     command = redact(["speeder", "report", config, *overrides])
     storage.write_bytes(uri, render(cfg, data, command, out).encode())
     return uri
-
-
-def main(argv: list[str]) -> int:
-    """`speeder report CONFIG [overrides] [--out DIR] [--no-baselines]`."""
-    parser = argparse.ArgumentParser(prog="speeder report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="the job spec the run was made with (jobs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", help="the same dotlist overrides as the job")
-    parser.add_argument("--out", help="report folder (default <output_root>/report)")
-    parser.add_argument("--no-baselines", action="store_true",
-                        help="do not compute popularity/SASRec when the job wrote no baselines.json")
-    parser.add_argument("--no-diagnose", action="store_true",
-                        help="do not run `speeder diagnose` when the job wrote no diagnose.json")
-    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    uri = write_report(args.config, args.overrides, args.out, baselines=not args.no_baselines,
-                       diagnose=not args.no_diagnose)
-    sys.stdout.write(f"report: {uri}\n")
-    return 0

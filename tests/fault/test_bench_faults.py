@@ -8,10 +8,16 @@ import pathlib
 
 import pytest
 
-from speeder_platform.bench.faults.run import SCENARIOS, format_table, main
+from speeder_platform import cli
+from speeder_platform.bench.faults.run import SCENARIOS, format_table
 
 pytestmark = pytest.mark.fault
 
+
+
+def main(argv: list[str]) -> int:
+    """`speeder bench faults ARGV` through the one command line."""
+    return cli.main(["bench", "faults", *argv])
 
 def test_list_names_every_scenario(capsys) -> None:
     assert main(["--list"]) == 0

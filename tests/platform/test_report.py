@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 
 from speeder import schema
-from speeder_platform import storage
+from speeder_platform import cli, storage
 from speeder_platform.baselines_eval import read_ranks, write_ranks
 from speeder_platform.config import to_dict, to_yaml
 from speeder_platform.featurize.pipeline import features_dir
 from speeder_platform.featurize.sequence import sequence_features
-from speeder_platform.report import main, stage_curves
+from speeder_platform.report import stage_curves
 from speeder_platform.score import SCORES_SCHEMA, partition_uri
 from speeder_platform.tables import split_uri
 from speeder_platform.trained import STAGES_FILE, run_uri
@@ -25,6 +25,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 METRICS = {"cand_hr@1": 0.25, "cand_valid_ratio": 1.0, "cand_vhr@1": 0.25, "full_hr@10": 0.4, "full_ndcg@10": 0.2,
            "cand_samples": 60}
 
+
+
+def main(argv: list[str]) -> int:
+    """`speeder report ARGV` through the one command line."""
+    return cli.main(["report", *argv])
 
 def write_fake_job(root: pathlib.Path) -> tuple[str, object]:
     """A prepared dataset with features and SASRec, and the outputs a finished job leaves (no Ray)."""
@@ -114,11 +119,11 @@ def test_stage_curves_read_checkpoint_meta(tmp_path) -> None:
     assert stage_curves(str(tmp_path / "missing")) == ([], [])
 
 
-def test_report_without_a_job_fails_clearly(tmp_path) -> None:
+def test_report_without_a_job_fails_clearly(tmp_path, caplog) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(to_yaml(tiny_config(str(tmp_path))))
-    with pytest.raises(FileNotFoundError, match="no finished job"):
-        main([str(spec)])
+    assert main([str(spec)]) == 2
+    assert "no finished job" in caplog.text
 
 
 def test_report_redacts_a_secret_given_as_an_override(tmp_path) -> None:

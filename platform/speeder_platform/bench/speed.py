@@ -15,13 +15,9 @@ and the raw figures, plus a profile of where Speeder's training step spends its 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import resource
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -213,12 +209,7 @@ def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = 
     results = {}
     for system in ("speeder", "llara"):
         log.info("measuring %s (%s)...", system, backbone)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        proc = subprocess.run([sys.executable, "-m", "speeder_platform.bench.speed", "--worker", system,
-                               json.dumps(args)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench speed worker {system} failed:\n{proc.stderr[-3000:]}")
-        results[system] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[system] = _in_fresh_process(system, args, threads)
     s, b = results["speeder"], results["llara"]
     report = {
         "settings": args,
@@ -259,14 +250,21 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _worker_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", required=True, choices=("speeder", "llara"))
-    parser.add_argument("args")
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    sys.stdout.write(json.dumps(measure(ns.worker, json.loads(ns.args))) + "\n")
+def _in_fresh_process(system: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
+    """`measure(system, args)` in a freshly spawned interpreter (nothing loaded or cached by the other
+    system, its own peak RSS), with OMP_NUM_THREADS set before torch is imported there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the spawned child inherits the environment at start
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(measure, system, args).result()
+    except Exception as err:
+        raise RuntimeError(f"bench speed: measuring {system} failed: {err}") from err
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved

@@ -18,7 +18,6 @@ checks that none is left out).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -86,16 +85,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speeder bench faults", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="SCENARIO",
-                   help=f"run only these scenarios (in the usual order): {', '.join(SCENARIOS)}")
-    p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON (local path or s3://)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is logged)")
-    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    return p
-
-
 def run_faults(names: list[str], keep: bool = False) -> list[dict[str, Any]]:
     """Run scenarios in one workspace on an embedded local Ray; clean everything up afterwards."""
     import ray
@@ -117,21 +106,21 @@ def run_faults(names: list[str], keep: bool = False) -> list[dict[str, Any]]:
             ray.shutdown()
 
 
-def main(argv: list[str]) -> int:
-    """`speeder bench faults [--only SCENARIO ...] [--out FILE.json] [--keep] [--list]`."""
-    args = build_parser().parse_args(argv)
-    if args.list:
-        sys.stdout.write("\n".join(SCENARIOS) + "\n")
-        return 0
-    names = [n for n in SCENARIOS if n in set(args.only or SCENARIOS)]
+def run_command(only: list[str] | None, out: str | None, keep: bool = False) -> int:
+    """`speeder bench faults`: run the scenarios (all, or `only` in the usual order), print the table,
+    write it as JSON to `out` if given; exit code 1 when any scenario failed or lost data."""
+    unknown = sorted(set(only or ()) - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; `speeder bench faults --list` names them")
+    names = [n for n in SCENARIOS if n in set(only or SCENARIOS)]
     t0 = time.perf_counter()
-    results = run_faults(names, keep=args.keep)
+    results = run_faults(names, keep=keep)
     seconds = time.perf_counter() - t0
     failed = [r["scenario"] for r in results if r["data_lost"] or not r["passed"]]
-    if args.out:
+    if out:
         from speeder_platform import storage
 
-        storage.write_json(args.out, {"results": results, "seconds": round(seconds, 1), "failed": failed})
+        storage.write_json(out, {"results": results, "seconds": round(seconds, 1), "failed": failed})
     sys.stdout.write(format_table(results) + f"\n\n{len(results)} scenarios in {seconds:.0f}s; "
                      f"{'all passed, no data lost' if not failed else 'FAILED: ' + ', '.join(failed)}\n")
     return 1 if failed else 0

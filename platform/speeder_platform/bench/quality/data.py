@@ -32,9 +32,6 @@ from speeder_platform.tables import available_modalities, load_item_features, lo
 
 log = logging.getLogger("speeder.bench")
 
-# features/<name>: the bench's own encoder set by default. Pass the job's name ("default") to reuse the
-# features of a dataset a job already featurized with the same encoders (featurize skips them then).
-FEATURES_NAME = "bench"
 
 
 @dataclass

@@ -33,30 +33,6 @@ from speeder_platform.tables import available_modalities
 
 log = logging.getLogger("speeder.bench")
 
-# Every lever of the model as a row: each turns one setting of the recipe off (or on), the rest as the spec
-# has it. A variant identical to an earlier one on a catalog (say "no vision" without images) is not retrained.
-PAPER = ["model.dense_weight=0", "model.readout=final", "model.readout_skip=false", "model.item_prior=false",
-         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0", "model.item_norms=false"]
-VARIANTS: dict[str, list[str]] = {
-    "Speeder": [],
-    "paper's model (no levers)": PAPER,
-    "no dense loss": ["model.dense_weight=0"],
-    "final-token readout": ["model.readout=final", "model.readout_skip=false"],
-    "no readout skip": ["model.readout_skip=false"],
-    "no item prior": ["model.item_prior=false"],
-    "cosine scores (no item norms)": ["model.item_norms=false"],
-    "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
-    "no SASRec user state": ["model.sequence_user=false"],
-    "+ SASRec distillation": ["model.distill_weight=1.0"],
-    "no PPT": ["model.ppt_lambda=0"],
-    "no PPL": ["model.use_ppl=false"],
-    "no MPO": ["model.use_mpo=false"],
-    "text only": ["model.modalities=[text]"],
-    "no vision": ["model.modalities=[text,sequence]"],
-    "no sequence": ["model.modalities=[text,vision]"],  # content only: what vision adds where ids do not
-}
-
-
 @dataclass
 class Budget:
     """What the bench adds to a recipe: validation, curve resolution, and the multi-token baseline's budget."""

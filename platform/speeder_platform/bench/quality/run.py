@@ -48,7 +48,6 @@ from speeder_platform.baselines_eval import (
     train_item_counts,
 )
 from speeder_platform.bench.quality.data import (
-    FEATURES_NAME,
     BenchData,
     cold_sasrec,
     cold_start,
@@ -57,7 +56,6 @@ from speeder_platform.bench.quality.data import (
     with_sequence,
 )
 from speeder_platform.bench.quality.models import (
-    VARIANTS,
     Budget,
     TrainedSpeeder,
     build_llara,
@@ -70,12 +68,12 @@ from speeder_platform.bench.quality.models import (
     valid_subset,
     variant_config,
 )
+from speeder_platform.bench.quality.variants import PARTS, VARIANTS
 from speeder_platform.config import SpeederConfig, to_dict
 
 log = logging.getLogger("speeder.bench")
 
 MAX_HISTORY = 20  # the protocol's default (docs/data.md#max-history)
-PARTS = ("llara", "cold-start", "missing")
 
 
 @dataclass
@@ -320,55 +318,32 @@ def modality_checks(rows: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-# -- command line ------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speeder bench quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=("ml100k", "synthetic", "both"), default="both")
-    p.add_argument("--out", default="runs/bench/quality", help="results.md, results.json and PNG plots")
-    p.add_argument("--ml100k-data", default="runs/bench/ml100k", help="ML-100K dataset (prepared if missing)")
-    p.add_argument("--synthetic-data", default="runs/bench/synthetic", help="synthetic dataset (made if missing)")
-    p.add_argument("--features-name", default=FEATURES_NAME, help="features/<name> to use or make; `default` "
-                   "reuses a job's features made with the same encoders")
-    p.add_argument("--synthetic-users", type=int, default=1000, help="users of a newly made synthetic set")
-    p.add_argument("--ml100k-spec", default="jobs/demo.yaml", help="ML-100K recipe: model, trainer, featurize")
-    p.add_argument("--synthetic-spec", default="jobs/synthetic.yaml", help="synthetic-set recipe")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting for every variant (repeatable), e.g. trainer.stage_samples=[...]")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="Speeder variants, comma-separated")
-    p.add_argument("--skip", default="", help=f"parts to skip, comma-separated: {', '.join(PARTS)}")
-    p.add_argument("--valid-users", type=int, help="stage-end validation users (0: all; default per dataset)")
-    p.add_argument("--llara-steps", type=int, help="LLaRA training steps (default per dataset)")
-    p.add_argument("--llara-eval-users", type=int, help="LLaRA test users (0: all; default per dataset)")
-    p.add_argument("--cold-fraction", type=float, default=0.1, help="share of items held out (cold start)")
-    p.add_argument("--missing-rate", type=float, default=0.3, help="share of images/texts masked at test time")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 for tiny backbones, else 2)")
-    return p
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `speeder bench quality -- --opt` too
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+# -- the command (its options are declared in speeder_platform.cli) ---------------------------------
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`--variants` and `--skip` as lists, checked against VARIANTS and PARTS (ValueError names the unknown)."""
+    if isinstance(args.variants, str):
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if isinstance(args.skip, str):
+        args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = [v for v in args.variants if v not in VARIANTS] + [s for s in args.skip if s not in PARTS]
     if unknown:
-        parser.error(f"unknown variant or part: {', '.join(unknown)} (variants: {', '.join(VARIANTS)}; parts: "
-                     f"{', '.join(PARTS)})")
+        raise ValueError(f"unknown variant or part: {', '.join(unknown)} (variants: {', '.join(VARIANTS)}; parts: "
+                         f"{', '.join(PARTS)})")
     if "Speeder" not in args.variants and "missing" not in args.skip:
         args.skip.add("missing")  # the masks are applied to the trained full Speeder
     return args
 
 
-def main(argv: list[str]) -> int:
-    """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out."""
+def run_command(args: argparse.Namespace, command: str) -> int:
+    """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out.
+    `command`: the command line as typed, recorded in results.json."""
     from speeder_platform.bench.quality.report import write_results
 
-    args = parse_args(argv)
+    args = check_args(args)
     names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
     setups = default_setups(args)
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"command": "speeder bench quality " + " ".join(argv),
+    results: dict[str, Any] = {"command": command,
                                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
                                "cold_fraction": args.cold_fraction, "missing_rate": args.missing_rate,
                                "datasets": {}}
