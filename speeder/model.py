@@ -365,12 +365,12 @@ def build_model(backbone_name: str, settings: SpeederSettings, *, lora_r: int = 
     checkpoints, so it must stay the same between training and loading; pretrained backbones ignore it).
     """
     from speeder.backbone import add_lora, load_backbone
+    from speeder.defaults import LORA_TARGETS
 
     backbone = load_backbone(backbone_name, num_layers=num_layers, dtype=dtype, seed=backbone_seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         add_lora(backbone, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                 target_modules=lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"])
+                 target_modules=lora_targets or list(LORA_TARGETS))
         model = SpeederModel(backbone, settings, sequence_encoder)
     return model

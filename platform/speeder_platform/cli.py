@@ -18,16 +18,12 @@ import sys
 from collections.abc import Callable
 
 from speeder_platform.config import PREPARE_SOURCES, ConfigError
+from speeder_platform.offline import NO_TELEMETRY
 
 log = logging.getLogger("speeder")
 
-# Nothing of ours reaches the internet: no usage stats, no hub lookups, no Gradio analytics.
-OFFLINE_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
-}
+# Nothing of ours reaches the internet: no usage stats, no hub telemetry, no Gradio analytics.
+OFFLINE_ENV = NO_TELEMETRY
 
 
 def setup_logging(verbose: bool = False) -> None:

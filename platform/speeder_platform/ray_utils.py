@@ -12,6 +12,7 @@ import os
 import sys
 
 from speeder_platform.config import SpeederConfig
+from speeder_platform.offline import NO_TELEMETRY
 from speeder_platform.redact import is_secret_name
 
 log = logging.getLogger(__name__)
@@ -19,9 +20,7 @@ log = logging.getLogger(__name__)
 # Environment for every Ray worker: no telemetry, quiet logs. (HF_HUB_OFFLINE is forwarded, not forced:
 # a GPU cluster may well download Llama-2 from the hub; the Makefile sets it for this offline machine.)
 WORKER_ENV = {
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "RAY_USAGE_STATS_ENABLED": "0",
+    **NO_TELEMETRY,
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # our own progress lines; bars flood non-terminal logs

@@ -5,8 +5,8 @@
 Reads only what the job wrote: `job_summary.json` (seconds per step), the train run's `stages.json`
 and each stage's checkpoints (`<storage>/<run>-stage<k>/checkpoint_*/meta.json`: per-epoch train loss
 and validation, plus the per-step loss curve where the trainer recorded one), `<evaluate.out>/
-metrics.json`, `<evaluate.out>/baselines.json` (popularity and SASRec on the same split; computed
-here when the job had no baselines step) and the scores partition. Writes
+metrics.json`, `<evaluate.out>/baselines.json` (popularity and SASRec on the same split, computed by the
+first report of a run and read by the next) and the scores partition. Writes
 `<output_root>/report/report.md`, `training_curves.png`, `accuracy.png` and `time.png`; the report
 ends with the command that opens the Gradio demo on the trained model.
 
@@ -186,8 +186,6 @@ def time_parts(summary: dict[str, Any], stages: list[dict[str, Any]],
             details = f"{result.get('metrics', {}).get('cand_samples', 0):,} users, both protocols"
         elif step == "score":
             details = f"{result.get('users_scored', 0):,} users at {result.get('users_per_s', 0):.1f} users/s"
-        elif step == "baselines":
-            details = f"{', '.join(result.get('models', {}))} on {result.get('samples', 0):,} users"
         parts.append((step, float(info["seconds"]), details))
     return parts
 

@@ -24,13 +24,13 @@ from typing import Any, Protocol
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from speeder_platform.offline import NO_TELEMETRY
 from speeder_platform.serve.recommender import Recommender, RequestError, load_test_users
 
 log = logging.getLogger("speeder.ui")
 
 # Set before gradio is imported: nothing of the demo may reach the internet.
-OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "DO_NOT_TRACK": "1"}
+OFFLINE_ENV = {**NO_TELEMETRY, "HF_HUB_OFFLINE": "1"}  # the demo's weights come from installed packages
 MAX_UI_K = 50
 SHOWN_METRICS = ("cand_hr@1", "full_hr@10", "full_ndcg@10", "valid_hr1", "valid_hr10")  # eval, else train
 CSS = """

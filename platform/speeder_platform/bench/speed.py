@@ -65,6 +65,7 @@ def _timed(fn, repeats: int) -> float:
 def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
     """Measure one system in this process (called in a fresh subprocess by `run_bench_speed`)."""
     from speeder.backbone import add_lora, load_backbone
+    from speeder.defaults import LORA_TARGETS
     from speeder.loop import NegativeCache, train_step
     from speeder.model import SpeederModel
     from speeder.mpo import STAGES
@@ -83,7 +84,7 @@ def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
     n = items.num_rows
     backbone = load_backbone(args["backbone"], num_layers=args.get("num_layers"))
     add_lora(backbone, r=8, alpha=16, dropout=0.0,
-             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+             target_modules=list(LORA_TARGETS))
     rng = np.random.default_rng(0)
     bt, bi = args["train_batch"], args["infer_batch"]
     tr = train.subset(rng.choice(len(train), bt * (args["train_steps"] + 1), replace=False))

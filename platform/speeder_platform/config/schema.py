@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from speeder.defaults import LORA_TARGETS
+
 PREPARE_SOURCES = ("movielens-100k", "amazon2018", "amazon2023", "synthetic")
 STEPS = ("prepare", "featurize", "train", "evaluate", "score")
 
@@ -89,9 +91,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass

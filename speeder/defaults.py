@@ -1,0 +1,5 @@
+"""Defaults shared by the model package and the platform, importable without torch."""
+
+# LoRA on every attention and MLP projection of a LLaMA-style block (the paper's setting): the default of
+# `build_model`, of the platform's `model.lora.target_modules` and of the speed bench's baseline.
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
