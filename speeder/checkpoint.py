@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speeder.durable import fsync_path
+
 log = logging.getLogger(__name__)
 
 FORMAT = "speeder-checkpoint/1"
@@ -41,19 +43,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete, of another format, or does not fit the model."""
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's bytes to disk before it is renamed into place (a crash then leaves old or new, whole)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    _fsync(tmp)
+    fsync_path(tmp)  # its bytes on disk before the name points at them
     os.replace(tmp, path)
 
 
@@ -71,7 +64,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
     digest = _digest(tmp)
-    _fsync(tmp)
+    fsync_path(tmp)  # its bytes on disk before the name points at them
     os.replace(tmp, path)
     return digest
 

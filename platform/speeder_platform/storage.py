@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from speeder.durable import fsync_path
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -197,19 +199,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-        _fsync_dir(parent)  # and the rename itself survives a power cut
+        fsync_path(parent)  # and the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _fsync_dir(path: str) -> None:
-    """fsync a local folder: makes the creations and renames inside it durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: str) -> None:
@@ -221,7 +214,7 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(root)
+        fsync_path(root)
 
 
 def read_json(uri: str) -> Any:
@@ -380,7 +373,7 @@ def _commit_local(staging: str, final: str) -> None:
         except FileNotFoundError:
             trash = ""  # a first commit
         os.replace(staging, final)
-        _fsync_dir(parent)
+        fsync_path(parent)
     finally:
         os.close(lock)  # releases the flock
     if trash:

@@ -1,0 +1,15 @@
+"""Durable writes on local disk, shared by the model's checkpoints and the platform's storage (no torch)."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file (its bytes are on disk before it is renamed into place) or a folder (the creations
+    and renames inside it survive a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
