@@ -31,6 +31,64 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+# Parallel runs (`make test`: pytest -n 3 --dist loadgroup). Each xdist worker is its own process with its
+# own session fixtures: one loopback S3 server and one embedded Ray (ray_local) per worker, on free ports
+# with their own session folders under /tmp/ray. The unit of work sent to a worker is a test module, in
+# file order, so module-scoped fixtures (a Serve instance, a `ray start --head`, a featurized workspace)
+# are built once; the modules of one SHARED_WORKER group run on one worker, one after the other.
+# (xdist's own xdist_group marks do nothing with pytest 9, which no longer has Item._nodeid.)
+SHARED_WORKER = {
+    # Their assertions time Serve's answers (a 503 within 2 s, a 504 soon after the timeout, recovery after
+    # a killed replica): never two of them at once.
+    "tests/platform/test_serve.py": "serve-timing",
+    "tests/fault/test_serve_faults.py": "serve-timing",
+}
+# The modules that take longest (CI durations) are handed out first, so that no worker is left with one of
+# them at the end; the rest follow in file order, integration tests before unit tests.
+SLOWEST_FIRST = (
+    "tests/fault/test_features_faults.py",
+    "tests/jobs/test_smoke.py",
+    "tests/platform/test_train.py",
+    "tests/fault/test_serve_faults.py",
+    "tests/jobs/test_submit.py",
+    "tests/platform/test_score.py",
+    "tests/fault/test_score_faults.py",
+    "tests/platform/test_featurize.py",
+    "tests/platform/test_multinode.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 - an xdist scheduler
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(path, path)
+
+    config.option.loadscopereorder = False  # hand the units out in collection order (below)
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("loadgroup", default=False):  # set on xdist's workers under --dist loadgroup
+        return
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = {module(i) for i in items if i.get_closest_marker("integration") or i.get_closest_marker("fault")}
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = module(item)
+        return (0, SLOWEST_FIRST.index(path)) if path in SLOWEST_FIRST else (1 if path in slow else 2, 0)
+
+    items.sort(key=rank)  # stable: modules stay whole, in file order within a rank
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3-compatible HTTP server (moto) on 127.0.0.1; yields its endpoint URL.
