@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -129,22 +130,43 @@ def s3_bucket(s3_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def _ray_session() -> Iterator[None]:
+def _ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], None]]:
+    """Yields start(): the embedded local Ray of this process, started if it is not running; stopped at the end.
+
+    Under xdist the workers take turns to start theirs (a file lock): Ray starts a dozen processes that
+    import for seconds, and several starts at once on 2 cores made a raylet give up waiting for its agent.
+    """
     import ray
 
-    yield
+    from speeder_platform.ray_utils import ensure_ray
+
+    lock = tmp_path_factory.getbasetemp().parent / "ray-start.lock" if os.environ.get("PYTEST_XDIST_WORKER") else None
+
+    def start() -> None:
+        if ray.is_initialized():
+            return
+        if lock is None:
+            ensure_ray()
+            return
+        with open(lock, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                ensure_ray()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    yield start
     if ray.is_initialized():
         ray.shutdown()
 
 
 @pytest.fixture
-def ray_local(_ray_session: None, s3_server: str) -> None:
+def ray_local(_ray_session: Callable[[], None], s3_server: str) -> None:
     """The embedded local Ray (2 CPUs, loopback), started once and shared by every test that needs it.
 
     It depends on the S3 server so that Ray's workers inherit its endpoint and credentials (worker
     environments are fixed when Ray starts). A test that shuts Ray down (to start a cluster of its
     own) gets it back in the next test.
     """
-    from speeder_platform.ray_utils import ensure_ray
+    _ray_session()
 
-    ensure_ray()
