@@ -142,16 +142,23 @@ def _ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
     lock = tmp_path_factory.getbasetemp().parent / "ray-start.lock" if os.environ.get("PYTEST_XDIST_WORKER") else None
 
+    def start_or_clean_up() -> None:
+        try:
+            ensure_ray()
+        except BaseException:
+            ray.shutdown()  # a start that failed half-way leaves its GCS and dashboard running otherwise
+            raise
+
     def start() -> None:
         if ray.is_initialized():
             return
         if lock is None:
-            ensure_ray()
+            start_or_clean_up()
             return
         with open(lock, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                ensure_ray()
+                start_or_clean_up()
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
