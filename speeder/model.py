@@ -10,6 +10,7 @@ Score of candidate c: s = tau * cos(W h, e_c), W (D, D) learned, tau a learned t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class SpeederSettings:
     # instead of tau * cos(u, e_c), so what a token's norm says (SASRec's item norms, through the sequence
     # skip) reaches the ranking.
     item_norms: bool = True
+    # Training only: each step hides the sequence embedding of this share of the items (those with another
+    # active modality), so the model learns to rank items by content alone, as it must for items that have
+    # none (cold-start items, never in a training sequence). 0 is the paper's model.
+    sequence_dropout: float = 0.15
     # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
     # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().
     distill_weight: float = 0.0
@@ -70,6 +75,8 @@ class SpeederSettings:
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ValueError(f"readout: {self.readout!r} is not one of {', '.join(READOUTS)}")
+        if not 0.0 <= self.sequence_dropout < 1.0:
+            raise ValueError(f"sequence_dropout must be in [0, 1), not {self.sequence_dropout}")
         if self.sequence_user and not self.sequence_skip:
             raise ValueError("sequence_user needs sequence_skip (the user state enters through the same map)")
 
@@ -282,6 +289,8 @@ class SpeederModel(nn.Module):
         """
         history = history[:, -self.settings.max_history:]
         states = self.sequence_states(history, active)  # (B, H, D) or None, from catalog ids
+        if self.training and self.settings.sequence_dropout > 0 and "sequence" in active:
+            features = self._drop_sequences(features, active, generator)
         if candidates is None and cached_table is not None:
             ids = torch.unique(torch.cat([history[history >= 0], target]))
             fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
@@ -331,6 +340,19 @@ class SpeederModel(nn.Module):
         loss = rec + s.dense_weight * dense + s.distill_weight * distill + s.ppt_lambda * ppt
         return {"loss": loss, "rec_loss": rec.detach(), "dense_loss": dense.detach(),
                 "distill_loss": distill.detach(), "ppt_loss": ppt.detach()}
+
+    def _drop_sequences(self, features: ItemFeatures, active: list[str],
+                        generator: torch.Generator | None) -> ItemFeatures:
+        """features with the sequence embedding hidden for a random share (settings.sequence_dropout) of the
+        N items; an item without another active modality keeps it (it would have no token otherwise)."""
+        masks = features.masks()
+        others = torch.zeros_like(masks["sequence"], dtype=torch.bool)
+        for m in active:
+            if m != "sequence":
+                others = others | masks[m].bool()
+        draw = torch.rand(features.num_items, generator=generator).to(others.device)  # (N,)
+        hide = (draw < self.settings.sequence_dropout) & others
+        return dataclasses.replace(features, sequence_mask=masks["sequence"].bool() & ~hide)
 
     def _slot_logits(self, hidden: torch.Tensor, batch: PromptBatch, history: torch.Tensor, target: torch.Tensor,
                      item_table: torch.Tensor, states: torch.Tensor | None

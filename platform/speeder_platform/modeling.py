@@ -35,6 +35,7 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         # Without sequence features (featurize.sasrec.epochs=0) there is no SASRec to read a user state from.
         sequence_user=model.sequence_user and feature_dims.get("sequence", 0) > 0,
         item_norms=model.item_norms,
+        sequence_dropout=model.sequence_dropout,
     )
 
 

@@ -6,6 +6,7 @@ from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from speeder.loop import Samples, evaluate, fit
 from speeder.model import build_model
 from speeder.mpo import STAGES, apply_stage, plan_stages
+from speeder.mrc import ItemFeatures
 from speeder.spae import sample_position_pairs
 from testkit.model import make_features, tiny_settings
 
@@ -334,3 +335,17 @@ def test_item_norms_decide_whether_a_tokens_norm_reaches_the_score(features, ite
     expected = before[:, 5] * 2.0 if item_norms else before[:, 5]  # dot product vs cosine
     torch.testing.assert_close(after[:, 5], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after[:, :5], before[:, :5])
+
+
+def test_sequence_dropout_hides_seq_emb_of_items_that_keep_another_modality(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, sequence_dropout=0.5))
+    only_sequence = torch.arange(features.num_items) < 5  # these items have nothing else: never hidden
+    partly = ItemFeatures(**{**vars(features), "text_mask": ~only_sequence,
+                             "image_mask": features.image_mask & ~only_sequence})
+    dropped = model._drop_sequences(partly, ALL, torch.Generator().manual_seed(0))
+    hidden = partly.sequence_mask & ~dropped.sequence_mask
+    assert not bool(hidden[only_sequence].any())
+    assert 0.25 < float(hidden[~only_sequence].float().mean()) < 0.75
+    assert torch.equal(dropped.text, partly.text) and torch.equal(dropped.sequence, partly.sequence)
+    with pytest.raises(ValueError, match="sequence_dropout"):
+        tiny_settings(features, sequence_dropout=1.0)

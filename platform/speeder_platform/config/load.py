@@ -58,6 +58,8 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     _positive("model.max_history", cfg.model.max_history)
     _positive("model.ppt_lambda", cfg.model.ppt_lambda, allow_zero=True)
+    if not 0.0 <= cfg.model.sequence_dropout < 1.0:
+        raise ConfigError(f"model.sequence_dropout: must be in [0, 1), got {cfg.model.sequence_dropout}")
     _positive("model.dense_weight", cfg.model.dense_weight, allow_zero=True)
     _positive("model.distill_weight", cfg.model.distill_weight, allow_zero=True)
     _choice("model.readout", cfg.model.readout, ("final", "last_slot", "both"))

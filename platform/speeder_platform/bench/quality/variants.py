@@ -9,7 +9,8 @@ from __future__ import annotations
 # Every lever of the model as a row: each turns one setting of the recipe off (or on), the rest as the spec
 # has it. A variant identical to an earlier one on a catalog (say "no vision" without images) is not retrained.
 PAPER = ["model.dense_weight=0", "model.readout=final", "model.readout_skip=false", "model.item_prior=false",
-         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0", "model.item_norms=false"]
+         "model.sequence_skip=false", "model.sequence_user=false", "model.distill_weight=0", "model.item_norms=false",
+         "model.sequence_dropout=0"]
 VARIANTS: dict[str, list[str]] = {
     "Speeder": [],
     "paper's model (no levers)": PAPER,
@@ -18,6 +19,7 @@ VARIANTS: dict[str, list[str]] = {
     "no readout skip": ["model.readout_skip=false"],
     "no item prior": ["model.item_prior=false"],
     "cosine scores (no item norms)": ["model.item_norms=false"],
+    "no sequence dropout": ["model.sequence_dropout=0"],
     "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
     "no SASRec user state": ["model.sequence_user=false"],
     "+ SASRec distillation": ["model.distill_weight=1.0"],
