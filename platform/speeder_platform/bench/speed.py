@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,131 +63,162 @@ def _timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Measure one system in this process (called in a fresh subprocess by `run_bench_speed`)."""
+@dataclass
+class _Inputs:
+    """What both systems are timed on: the backbone with LoRA, train and inference batches, the catalog."""
+
+    backbone: Any
+    items: Any  # the items table (pyarrow)
+    train: Any  # Samples, the train subset
+    test: Any  # Samples, the test subset
+    batches: list[dict[str, torch.Tensor]]
+    ibatches: list[dict[str, torch.Tensor]]
+
+
+def _inputs(args: dict[str, Any]) -> _Inputs:
     from speeder.backbone import add_lora, load_backbone
     from speeder.defaults import LORA_TARGETS
-    from speeder.loop import NegativeCache, train_step
-    from speeder.model import SpeederModel
-    from speeder.mpo import STAGES
-    from speeder.sasrec import SASRec
     from speeder_platform import storage
-    from speeder_platform.config import load_config
-    from speeder_platform.modeling import settings_from_config, stage_groups
     from speeder_platform.tables import load_samples
 
-    torch.set_num_threads(args["threads"])
-    torch.manual_seed(0)
     h = args["history"]
     test = load_samples(args["dataset"], "test", h)
     train = load_samples(args["dataset"], "train", h)
     items = storage.read_table(storage.join(args["dataset"], "items.parquet"))
-    n = items.num_rows
     backbone = load_backbone(args["backbone"], num_layers=args.get("num_layers"))
-    add_lora(backbone, r=8, alpha=16, dropout=0.0,
-             target_modules=list(LORA_TARGETS))
+    add_lora(backbone, r=8, alpha=16, dropout=0.0, target_modules=list(LORA_TARGETS))
     rng = np.random.default_rng(0)
     bt, bi = args["train_batch"], args["infer_batch"]
     tr = train.subset(rng.choice(len(train), bt * (args["train_steps"] + 1), replace=False))
     te = test.subset(rng.choice(len(test), bi * (args["infer_batches"] + 1), replace=False))
-    batches = list(tr.batches(bt))
-    ibatches = list(te.batches(bi))
-    out: dict[str, Any] = {"system": system}
+    return _Inputs(backbone, items, tr, te, list(tr.batches(bt)), list(te.batches(bi)))
 
-    if system == "speeder":
-        features = _features(n)
-        # The trainer's model and optimizer settings (config defaults), so the bench times what users train.
-        cfg = load_config(None, [f"model.max_history={h}"])
-        settings = settings_from_config(cfg.model, features.dims())
-        encoder = SASRec(n, hidden_size=FEATURE_DIMS["sequence"], max_length=50) if settings.sequence_user else None
-        model = SpeederModel(backbone, settings, encoder)
-        opt = torch.optim.AdamW(stage_groups(model, STAGES[3], cfg.trainer), weight_decay=cfg.trainer.weight_decay)
-        # Supervised next-item targets per sample: the final position, and with the dense loss every history slot.
-        real = (torch.from_numpy(tr.history) >= 0).sum(1).float()
-        out["targets_per_sample"] = float((1 + (real if settings.dense_weight else 0)).mean())
-        lengths = (torch.from_numpy(te.history) >= 0).sum(1) + model.prompt.template_length
-        out["tokens_per_sample"] = float(lengths.float().mean())
-        step = iter(range(1, 10**6))
-        # The trainer's negative cache setting (default 0: every step passes the whole catalog through MRC
-        # with gradients); with a cache, its refresh cost is amortised over `refresh_every` steps.
-        refresh_every = args["negative_cache_steps"]
-        cache = NegativeCache(refresh_every)
-        refresh = 0.0
-        if refresh_every > 0:
-            cache.get(model, features, ["text", "sequence"], 0)
-            t0 = time.perf_counter()
-            cache.get(model, features, ["text", "sequence"], refresh_every)
-            refresh = (time.perf_counter() - t0) / refresh_every
-        out["train_step_s"] = refresh + _timed(
-            lambda: train_step(model, opt, batches[next(step) % len(batches)], features, ["text", "sequence"],
-                               step=0, loss_pool=args["loss_pool"], cache=cache), args["train_steps"])
-        model.eval()
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            table = model.item_tokens(features, ["text", "sequence"])
-            out["catalog_tokens_s"] = time.perf_counter() - t0  # once per checkpoint, not per user
-            it = iter(range(10**6))
 
-            def cand() -> None:
-                b = ibatches[next(it) % len(ibatches)]
-                model.score_candidates(b["history"], b["candidates"], table)
+def _cycle(batches: list) -> Any:
+    """A function returning the next batch, round and round."""
+    it = iter(range(10**9))
+    return lambda: batches[next(it) % len(batches)]
 
-            def full() -> None:
-                b = ibatches[next(it) % len(ibatches)]
-                model.score_catalog(b["history"], table)
 
-            out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
-            out["infer_catalog_s"] = _timed(full, args["infer_batches"])
-            # Where a training step's forward time goes: MRC over the items vs the LLM.
-            b = batches[0]
-            out["profile_forward_s"] = {
-                "mrc_item_tokens": _timed(lambda: model.item_tokens(features, ["text", "sequence"]), 2),
-                "llm_forward": _timed(lambda: model.encode(b["history"], table), 2),
-            }
-    else:
-        from speeder.baselines.llara import LlaraRecommender
-
-        titles = items.column("title").to_pylist()
-        model = LlaraRecommender(backbone, titles, torch.randn(n, FEATURE_DIMS["sequence"]))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=3e-4)
-        lengths = [len(model.prompt(hh.tolist(), c.tolist())[0]) for hh, c in zip(te.history, te.candidates,
-                                                                                   strict=True)]
-        out["tokens_per_sample"] = float(np.mean(lengths))
-        out["targets_per_sample"] = 1.0  # one answer (a title) per prompt
-        out["catalog_tokens_per_sample"] = float(np.mean([len(model.prompt(hh.tolist(), None)[0])
-                                                          for hh in te.history]))
-        step = iter(range(10**6))
-
-        def train_once() -> None:
-            b = batches[next(step) % len(batches)]
-            model.train()
-            loss = model(b["history"], b["target"], b["candidates"])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-
-        out["train_step_s"] = _timed(train_once, args["train_steps"])
-        model.eval()
-        it = iter(range(10**6))
-
-        def cand() -> None:
-            b = ibatches[next(it) % len(ibatches)]
-            model.rank_candidates(b["history"], b["candidates"], b["target"])
-
-        def full() -> None:
-            b = ibatches[next(it) % len(ibatches)]
-            for answer in model.generate(b["history"], None):
-                model.match(answer, range(n))
-
-        out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
-        out["infer_catalog_s"] = _timed(full, args["infer_batches"])
+def measure(system: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Measure one system in this process (called in a fresh process by `run_bench_speed`)."""
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    inputs = _inputs(args)
+    out: dict[str, Any] = {"system": system, **(_measure_speeder if system == "speeder" else _measure_llara)(
+        inputs, args)}
+    bt, bi = args["train_batch"], args["infer_batch"]
     out["train_samples_per_s"] = bt / out["train_step_s"]
     out["train_targets_per_s"] = out["train_samples_per_s"] * out["targets_per_sample"]
     out["infer_candidates_users_per_s"] = bi / out["infer_candidates_s"]
     out["infer_catalog_users_per_s"] = bi / out["infer_catalog_s"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _measure_speeder(inputs: _Inputs, args: dict[str, Any]) -> dict[str, Any]:
+    """Speeder's train step (the trainer's model, optimizer groups and negative-cache setting), its catalog
+    tokens, candidate and full-catalog inference, and where a forward pass goes."""
+    from speeder.loop import NegativeCache, train_step
+    from speeder.model import SpeederModel
+    from speeder.mpo import STAGES
+    from speeder.sasrec import SASRec
+    from speeder_platform.config import load_config
+    from speeder_platform.modeling import settings_from_config, stage_groups
+
+    out: dict[str, Any] = {}
+    n = inputs.items.num_rows
+    active = ["text", "sequence"]
+    features = _features(n)
+    # The trainer's model and optimizer settings (config defaults), so the bench times what users train.
+    cfg = load_config(None, [f"model.max_history={args['history']}"])
+    settings = settings_from_config(cfg.model, features.dims())
+    encoder = SASRec(n, hidden_size=FEATURE_DIMS["sequence"], max_length=50) if settings.sequence_user else None
+    model = SpeederModel(inputs.backbone, settings, encoder)
+    opt = torch.optim.AdamW(stage_groups(model, STAGES[3], cfg.trainer), weight_decay=cfg.trainer.weight_decay)
+    # Supervised next-item targets per sample: the final position, and with the dense loss every history slot.
+    real = (torch.from_numpy(inputs.train.history) >= 0).sum(1).float()
+    out["targets_per_sample"] = float((1 + (real if settings.dense_weight else 0)).mean())
+    lengths = (torch.from_numpy(inputs.test.history) >= 0).sum(1) + model.prompt.template_length
+    out["tokens_per_sample"] = float(lengths.float().mean())
+    # The trainer's negative cache setting (default 0: every step passes the whole catalog through MRC
+    # with gradients); with a cache, its refresh cost is amortised over `refresh_every` steps.
+    refresh_every = args["negative_cache_steps"]
+    cache = NegativeCache(refresh_every)
+    refresh = 0.0
+    if refresh_every > 0:
+        cache.get(model, features, active, 0)
+        t0 = time.perf_counter()
+        cache.get(model, features, active, refresh_every)
+        refresh = (time.perf_counter() - t0) / refresh_every
+    batch = _cycle(inputs.batches)
+    out["train_step_s"] = refresh + _timed(
+        lambda: train_step(model, opt, batch(), features, active, step=0, loss_pool=args["loss_pool"], cache=cache),
+        args["train_steps"])
+    model.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        table = model.item_tokens(features, active)
+        out["catalog_tokens_s"] = time.perf_counter() - t0  # once per checkpoint, not per user
+        ibatch = _cycle(inputs.ibatches)
+
+        def cand() -> None:
+            b = ibatch()
+            model.score_candidates(b["history"], b["candidates"], table)
+
+        out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
+        out["infer_catalog_s"] = _timed(lambda: model.score_catalog(ibatch()["history"], table),
+                                        args["infer_batches"])
+        # Where a training step's forward time goes: MRC over the items vs the LLM.
+        b = inputs.batches[0]
+        out["profile_forward_s"] = {
+            "mrc_item_tokens": _timed(lambda: model.item_tokens(features, active), 2),
+            "llm_forward": _timed(lambda: model.encode(b["history"], table), 2),
+        }
+    return out
+
+
+def _measure_llara(inputs: _Inputs, args: dict[str, Any]) -> dict[str, Any]:
+    """The LLaRA-style baseline (items spelled out as titles): teacher-forced train step, candidate ranking,
+    and generation + title matching over the catalog."""
+    from speeder.baselines.llara import LlaraRecommender
+
+    out: dict[str, Any] = {}
+    n = inputs.items.num_rows
+    te = inputs.test
+    titles = inputs.items.column("title").to_pylist()
+    model = LlaraRecommender(inputs.backbone, titles, torch.randn(n, FEATURE_DIMS["sequence"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    lengths = [len(model.prompt(hh.tolist(), c.tolist())[0]) for hh, c in zip(te.history, te.candidates, strict=True)]
+    out["tokens_per_sample"] = float(np.mean(lengths))
+    out["targets_per_sample"] = 1.0  # one answer (a title) per prompt
+    out["catalog_tokens_per_sample"] = float(np.mean([len(model.prompt(hh.tolist(), None)[0]) for hh in te.history]))
+    batch = _cycle(inputs.batches)
+
+    def train_once() -> None:
+        b = batch()
+        model.train()
+        loss = model(b["history"], b["target"], b["candidates"])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+
+    out["train_step_s"] = _timed(train_once, args["train_steps"])
+    model.eval()
+    ibatch = _cycle(inputs.ibatches)
+
+    def cand() -> None:
+        b = ibatch()
+        model.rank_candidates(b["history"], b["candidates"], b["target"])
+
+    def full() -> None:
+        for answer in model.generate(ibatch()["history"], None):
+            model.match(answer, range(n))
+
+    out["infer_candidates_s"] = _timed(cand, args["infer_batches"])
+    out["infer_catalog_s"] = _timed(full, args["infer_batches"])
     return out
 
 

@@ -242,6 +242,42 @@ def _check_compatible(meta: dict[str, Any] | None, cfg: SpeederConfig, uri: str)
                          "run a full featurize")
 
 
+def _extendable(cfg: SpeederConfig, meta: dict[str, Any] | None, out_uri: str, items_uri: str,
+                num_items: int) -> tuple[pa.Table, np.ndarray]:
+    """The committed features an incremental run extends, and their item ids; refused (ValueError,
+    FeaturesError) when made with other encoders, not whole, or from another preparation of the dataset."""
+    _check_compatible(meta, cfg, out_uri)
+    lineage.committed_features(cfg.data.uri, cfg.featurize.name)  # never extend a half-committed or corrupt table
+    existing = storage.read_table(out_uri)
+    require_columns(existing, FEATURES_SCHEMA.names, out_uri)
+    existing = existing.select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
+    known = existing.column(schema.ITEM_ID).to_numpy()
+    if known.size and known.max() >= num_items:
+        raise ValueError(f"{out_uri} has item ids up to {known.max()} but {items_uri} only 0..{num_items - 1}: "
+                         "the dataset was prepared again; run a full featurize")
+    return existing, known
+
+
+def _encode_and_sequence(cfg: SpeederConfig, items_uri: str, columns: list[str], known: np.ndarray | None,
+                         todo: int, num_items: int, full: bool) -> tuple[pa.Table, SequenceFeatures, float]:
+    """The encoder pipeline over the items to do and, on a full run, SASRec (beside the encoders when the
+    cluster has room, else after them) -> encoded rows, sequence features, the encoders' seconds."""
+    import ray
+
+    seq_ref = None
+    if full and _sasrec_alongside(cfg):
+        seq_ref = _start_sequence_task(cfg, num_items)  # alongside the encoders: the cluster has room
+    t0 = time.perf_counter()
+    encoded = _encode(cfg, items_uri, columns, known, todo)
+    encode_seconds = time.perf_counter() - t0
+    if not full:  # incremental: the items it adds get no seq_emb until the next full run
+        return encoded, SequenceFeatures(np.zeros((num_items, 0), np.float32), np.zeros(num_items, bool),
+                                         {"sasrec": "kept"}), encode_seconds
+    if seq_ref is None:  # after the encoders, on up to 2 CPUs (2 threads: ~30% faster per step, sasrec/train.py)
+        seq_ref = _start_sequence_task(cfg, num_items, cpus=int(min(2, max(1, ray.cluster_resources()["CPU"]))))
+    return encoded, ray.get(seq_ref), encode_seconds
+
+
 def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
     """Featurize the catalog of cfg.data.uri into features/<featurize.name> (see the module docstring).
 
@@ -257,15 +293,7 @@ def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
     settings, digest = encoder_settings(cfg), dataset_fingerprint(cfg.data.uri)
     existing, known = None, None
     if fz.incremental and storage.exists(out_uri):
-        _check_compatible(meta, cfg, out_uri)
-        lineage.committed_features(cfg.data.uri, fz.name)  # never extend a half-committed or corrupt table
-        existing = storage.read_table(out_uri)
-        require_columns(existing, FEATURES_SCHEMA.names, out_uri)
-        existing = existing.select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
-        known = existing.column(schema.ITEM_ID).to_numpy()
-        if known.size and known.max() >= len(ids):
-            raise ValueError(f"{out_uri} has item ids up to {known.max()} but {items_uri} only 0..{len(ids) - 1}: "
-                             "the dataset was prepared again; run a full featurize")
+        existing, known = _extendable(cfg, meta, out_uri, items_uri, len(ids))
         if np.isin(ids, known).all():
             report = FeaturizeReport(fz.name, out_uri, "incremental", existing.num_rows, sasrec="kept",
                                      seq_items=existing.num_rows - existing.column(schema.SEQ_EMB).null_count,
@@ -285,20 +313,8 @@ def run_featurize(cfg: SpeederConfig, force: bool = False) -> FeaturizeReport:
     todo = len(ids) - (0 if known is None else int(np.isin(ids, known).sum()))
     log.info("featurize (%s): %d items with text=%s, vision=%s, %d+%d actors", mode, todo, fz.text_encoder,
              fz.vision_encoder, fz.text_actors, fz.vision_actors if fz.vision_encoder != "none" else 0)
-    seq_ref = None
-    if existing is None and _sasrec_alongside(cfg):
-        seq_ref = _start_sequence_task(cfg, len(ids))  # alongside the encoders: the cluster has room
-    t_encode = time.perf_counter()
-    encoded = _encode(cfg, items_uri, columns, known, todo)
-    encode_seconds = time.perf_counter() - t_encode
-    if existing is None:
-        import ray
-
-        if seq_ref is None:  # after the encoders, on up to 2 CPUs (2 threads: ~30% faster per step, sasrec.py)
-            seq_ref = _start_sequence_task(cfg, len(ids), cpus=int(min(2, max(1, ray.cluster_resources()["CPU"]))))
-        seq = ray.get(seq_ref)
-    else:
-        seq = SequenceFeatures(np.zeros((len(ids), 0), np.float32), np.zeros(len(ids), bool), {"sasrec": "kept"})
+    encoded, seq, encode_seconds = _encode_and_sequence(cfg, items_uri, columns, known, todo, len(ids),
+                                                        full=existing is None)
     table, report = _assemble(cfg, encoded, existing, seq, len(ids), mode, out_uri)
     report.encode_seconds, report.sequence_seconds = encode_seconds, seq.info.get("seconds", 0.0)
     report.seconds = time.perf_counter() - t0

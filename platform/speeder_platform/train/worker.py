@@ -149,6 +149,63 @@ def _save(model, optimizer, meta: dict[str, Any], strategy: str) -> str:
     return directory
 
 
+def _restore(model: torch.nn.Module, groups: list[dict], strategy: str, cfg, device: torch.device, stage: Stage,
+             state: dict[str, Any], features_set, loop_config: dict[str, Any], rank: int) -> _Engine:
+    """Restores the model (and, with DDP, the optimizer) and returns the engine: this stage's own latest
+    checkpoint after a failure (state updated from it, resumes counted), else the previous stage's weights
+    (only if trained on the same features), else the model as built."""
+    import ray.train
+
+    resume = ray.train.get_checkpoint()
+    engine = None
+    if strategy == "ddp":  # DDP restores the optimizer's moments too, so it is built first
+        engine = _Engine(model, groups, strategy, cfg, device)
+    if resume is not None:
+        with resume.as_directory() as d:
+            meta = load_checkpoint(d, model, engine.optimizer if engine is not None else None)
+        check_checkpoint(meta, features_set, resume.path)  # features re-made since it was saved: refused
+        state.update(meta["train_state"])
+        state["resumes"] += 1
+        if rank == 0:
+            log.info("stage %d resumes from its checkpoint at epoch %d step %d", stage.index, state["epoch"],
+                     state["step"])
+    elif loop_config.get("init_checkpoint"):
+        with tempfile.TemporaryDirectory() as d:
+            storage.download_dir(loop_config["init_checkpoint"], d)
+            # The previous stage's weights only if trained on these features (re-featurized between runs: no).
+            check_checkpoint(read_meta(d), features_set, loop_config["init_checkpoint"])
+            load_checkpoint(d, model)
+        if rank == 0:
+            log.info("stage %d starts from %s", stage.index, loop_config["init_checkpoint"])
+    return engine if engine is not None else _Engine(model, groups, strategy, cfg, device)
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank (gathered over the process group when there is more than one)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    import torch.distributed as dist
+
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _log_progress(stage: Stage, cfg, epoch: int, i: int, steps_per_epoch: int, losses: list[float],
+                  out: dict[str, float], seen: int, t0: float, world: int) -> None:
+    """One progress line: losses over the last log_every steps, samples/s and the stage's ETA."""
+    t = cfg.trainer
+    rate = seen / max(time.perf_counter() - t0, 1e-9)
+    left = (steps_per_epoch * t.epochs - (epoch * steps_per_epoch + i + 1)) * t.batch_size * world / max(rate, 1e-9)
+    log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f dense %.4f ppt %.4f | "
+             "%.1f samples/s | ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1,
+             steps_per_epoch, np.mean(losses[-t.log_every:]), out["rec_loss"], out["dense_loss"],
+             out["ppt_loss"], rate, _format_eta(left))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point run by Ray Train on every worker for one stage."""
     import ray
@@ -188,40 +245,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # loss_curve: the mean training loss of every log_every steps, [{"step", "loss"}], for the report.
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0, "resumes": 0,
              "loss_curve": []}
-    resume = ray.train.get_checkpoint()
-    optimizer_for_load = None
-    engine = None
-    if strategy == "ddp":
-        engine = _Engine(model, groups, strategy, cfg, device)
-        optimizer_for_load = engine.optimizer
-    if resume is not None:
-        with resume.as_directory() as d:
-            meta = load_checkpoint(d, model, optimizer_for_load)
-        check_checkpoint(meta, features_set, resume.path)  # features re-made since it was saved: refused
-        state.update(meta["train_state"])
-        state["resumes"] += 1
-        if rank == 0:
-            log.info("stage %d resumes from its checkpoint at epoch %d step %d", stage.index, state["epoch"],
-                     state["step"])
-    elif loop_config.get("init_checkpoint"):
-        with tempfile.TemporaryDirectory() as d:
-            storage.download_dir(loop_config["init_checkpoint"], d)
-            # The previous stage's weights only if trained on these features (re-featurized between runs: no).
-            check_checkpoint(read_meta(d), features_set, loop_config["init_checkpoint"])
-            load_checkpoint(d, model)
-        if rank == 0:
-            log.info("stage %d starts from %s", stage.index, loop_config["init_checkpoint"])
-    if engine is None:
-        engine = _Engine(model, groups, strategy, cfg, device)
+    engine = _restore(model, groups, strategy, cfg, device, stage, state, features_set, loop_config, rank)
 
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:
-        import torch.distributed as dist
-
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes = _worker_nodes(world)
     steps_per_epoch = loop_config["steps_per_epoch"]
-    total_steps = steps_per_epoch * t.epochs
     shard = ray.train.get_dataset_shard("train")
     # The config without secrets: its runtime_env.env_vars are where users put environment variables.
     meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active,
@@ -257,12 +284,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state["loss_curve"].append({"step": state["step"],
                                             "loss": float(np.mean(losses[-t.log_every:]))})
             if rank == 0 and (state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch):
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                left = (total_steps - (epoch * steps_per_epoch + i + 1)) * t.batch_size * world / max(rate, 1e-9)
-                log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f dense %.4f ppt %.4f | "
-                         "%.1f samples/s | ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1,
-                         steps_per_epoch, np.mean(losses[-t.log_every:]), out["rec_loss"], out["dense_loss"],
-                         out["ppt_loss"], rate, _format_eta(left))
+                _log_progress(stage, cfg, epoch, i, steps_per_epoch, losses, out, seen, t0, world)
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                 report({METRIC: -1.0, "train_loss": float(np.mean(losses))}, with_checkpoint=True)
         metrics = validate(engine.module, valid, features, active, t.eval_batch_size, rank, world)
