@@ -45,12 +45,8 @@ browser:
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The suite mostly waits (for Ray, Serve, clusters, subprocesses), so it runs on TEST_WORKERS xdist workers
-# even on 2 cores; each worker has its own embedded Ray and S3 server (tests/conftest.py). TEST_WORKERS=0
-# runs it in one process.
-TEST_WORKERS ?= 3
 test: $(STAMP) browser lint
-	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q --durations=25
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not fault and not slow"

@@ -20,8 +20,10 @@ pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def featurized_ws(tmp_path_factory: pytest.TempPathFactory, _ray_session, s3_server: str) -> Iterator[Workspace]:
-    _ray_session()  # the shared Ray, with the S3 server's endpoint in its workers' environment
+def featurized_ws(tmp_path_factory: pytest.TempPathFactory, _ray_session: None, s3_server: str) -> Iterator[Workspace]:
+    from speeder_platform.ray_utils import ensure_ray
+
+    ensure_ray()
     workspace = Workspace(str(tmp_path_factory.mktemp("features-faults")))
     assert committed_features(workspace.dataset, "default").fingerprint  # prepared and featurized for real
     workspace.checkpoint = write_checkpoint(workspace.config(), workspace.path("checkpoint"))

@@ -12,11 +12,11 @@ from testkit.datasets import prepare_synthetic, tiny_config, write_random_featur
 pytestmark = pytest.mark.integration
 
 
-def test_two_node_training_matches_one_node(tmp_path, s3_bucket, _ray_session) -> None:
+def test_two_node_training_matches_one_node(tmp_path, s3_bucket) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from speeder_platform.ray_utils import worker_env
+    from speeder_platform.ray_utils import ensure_ray, worker_env
 
     data = f"{s3_bucket}/data"
     prepare_synthetic(data)
@@ -44,7 +44,7 @@ def test_two_node_training_matches_one_node(tmp_path, s3_bucket, _ray_session) -
     assert len(set(meta["worker_nodes"])) == 2, meta["worker_nodes"]  # one worker on each node
     assert two.checkpoint.startswith(f"{s3_bucket}/train-two/")  # checkpoints on the shared store
 
-    _ray_session()  # the embedded one-node Ray (two CPUs) again, which later tests share
+    ensure_ray()  # one node, two CPUs
     one = run_training(tiny_config(str(tmp_path / "one"), *common, f"trainer.storage_path={s3_bucket}/train-one"))
     a, b = two.stages[0]["metrics"], one.stages[0]["metrics"]
     assert a["step"] == b["step"]

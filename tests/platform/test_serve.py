@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_session):
+def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_session: None):
     """Serve on 127.0.0.1:<free port> with a tiny untrained checkpoint and an API key; yields
     (base URL, port, items, key file, settings)."""
     from ray import serve
@@ -59,7 +59,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, s3_server: str, _ray_sessio
     ckpt = write_checkpoint(cfg, str(root / "ckpt"))
     port = _free_port()
     settings = serve_settings(cfg, ckpt)
-    _ray_session()  # the shared Ray (start() below would start one as well, outside the workers' turns)
     url = start(cfg, settings, port=port, name="speeder-test")
     items = storage.read_table(storage.join(data, "items.parquet")).to_pylist()
     try:
