@@ -209,11 +209,7 @@ def _fsync_tree(path: str) -> None:
     """fsync every file and folder under a local folder (files other processes wrote, e.g. Ray Data's)."""
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(os.path.join(root, name))
         fsync_path(root)
 
 
