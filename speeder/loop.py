@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from speeder.defaults import LOSS_POOLS
 from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
 from speeder.mrc import ItemFeatures
 from speeder.prompt import PAD_ITEM, pad_histories
@@ -94,8 +95,12 @@ class NegativeCache:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                features: ItemFeatures, active: Iterable[str], *, step: int, seed: int = 0,
                loss_pool: str = "catalog", max_grad_norm: float | None = 5.0,
-               cache: NegativeCache | None = None, teacher: nn.Module | None = None) -> dict[str, float]:
+               cache: NegativeCache | None = None, teacher: nn.Module | None = None,
+               negatives: int = 256) -> dict[str, float]:
     """One optimisation step; returns the losses as floats.
+
+    loss_pool: "catalog" (softmax over every item), "sampled" (over the batch's items and `negatives`
+    items drawn uniformly per step) or "candidates" (over each sample's candidates); see loss_pool_inputs.
 
     `model` may be a DDP wrapper around SpeederModel (its forward computes the losses, so gradient
     synchronisation happens). The PPT pair sampler is seeded from (seed, step): reproducible runs.
@@ -107,9 +112,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     device = features.text.device
     history = batch["history"].to(device)
-    out = model(history, batch["target"].to(device),
-                None if loss_pool == "catalog" else batch["candidates"].to(device),
-                features, list(active), generator, cached, teacher_scores(teacher, history))
+    candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator)
+    out = model(history, batch["target"].to(device), candidates, features, list(active), generator, cached,
+                teacher_scores(teacher, history), negatives=pool)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if max_grad_norm is not None:
@@ -117,6 +122,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     return {k: float(v.detach()) for k, v in out.items()}
+
+
+def loss_pool_inputs(loss_pool: str, batch: dict[str, torch.Tensor], num_items: int, negatives: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The model's (candidates, negatives) arguments for a loss pool: candidates (B, C) for "candidates",
+    negatives (M,) ids drawn without replacement (M = min(negatives, N), from `generator`) for "sampled",
+    neither for "catalog"."""
+    if loss_pool == "catalog":
+        return None, None
+    if loss_pool == "candidates":
+        return batch["candidates"].to(batch["history"].device), None
+    if loss_pool == "sampled":
+        if negatives < 1:
+            raise ValueError(f"sampled softmax: negatives must be >= 1, got {negatives}")
+        ids = torch.randperm(num_items, generator=generator)[:negatives]
+        return None, ids.to(batch["history"].device)
+    raise ValueError(f"loss_pool must be one of {LOSS_POOLS}, got {loss_pool!r}")
 
 
 @torch.no_grad()

@@ -272,9 +272,16 @@ class SpeederModel(nn.Module):
     def forward(self, history: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None,
                 features: ItemFeatures, active: list[str], generator: torch.Generator | None = None,
                 cached_table: torch.Tensor | None = None,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                teacher_logits: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses. history (B, H), target (B,), candidates (B, C) or None for a softmax over
         the whole catalog -> {"loss", "rec_loss", "dense_loss", "distill_loss", "ppt_loss"} (scalars).
+
+        negatives (M,) item ids, with candidates None: a sampled softmax instead of the catalog one. Every
+        loss (rec and dense) ranks over one pool shared by the batch: the items it touches (history and
+        targets) and these M negatives, each with a fresh token (MRC with gradients on K <= B * (H + 1) + M
+        items instead of N); a negative the batch does not touch scores + log(N / M), the sampled-softmax
+        correction for its inclusion probability M / N.
 
         loss = rec + dense_weight * dense + distill_weight * distill + ppt_lambda * ppt.
         teacher_logits (B, H, N): a teacher's catalog scores after every history column (catalog
@@ -288,10 +295,26 @@ class SpeederModel(nn.Module):
         items (history + target) run through MRC with gradients: cached negatives.
         """
         history = history[:, -self.settings.max_history:]
+        pool_offset: torch.Tensor | float = 0.0  # (K,) with a sampled pool: + log(1 / inclusion probability)
         states = self.sequence_states(history, active)  # (B, H, D) or None, from catalog ids
         if self.training and self.settings.sequence_dropout > 0 and "sequence" in active:
             features = self._drop_sequences(features, active, generator)
-        if candidates is None and cached_table is not None:
+        if candidates is None and negatives is not None:
+            if teacher_logits is not None:
+                raise ValueError("distillation needs the catalog softmax (trainer.loss_pool=catalog)")
+            touched = torch.unique(torch.cat([history[history >= 0], target]))
+            ids = torch.unique(torch.cat([touched, negatives]))
+            local = torch.full((features.num_items,), -1, dtype=torch.long, device=ids.device)
+            local[ids] = torch.arange(len(ids), device=ids.device)
+            item_table = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
+            history = torch.where(history >= 0, local[history.clamp(min=0)], history)
+            target = local[target]
+            # Sampled-softmax correction (logit - log q): a touched item is in the pool with probability 1, a
+            # drawn one with M / N, so drawn logits get + log(N / M) and the pool's normaliser estimates the
+            # catalog's instead of under-weighting the items that are rarely drawn.
+            pool_offset = torch.where(torch.isin(ids, touched), 0.0,
+                                      math.log(features.num_items / len(negatives)))  # (K,)
+        elif candidates is None and cached_table is not None:
             ids = torch.unique(torch.cat([history[history >= 0], target]))
             fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
             item_table = cached_table.detach().to(fresh.dtype).index_put((ids,), fresh)  # (N, D)
@@ -312,7 +335,7 @@ class SpeederModel(nn.Module):
             target, candidates = local[target], local[candidates]
         u, hidden, batch = self.user_vectors(history, item_table, active, states)
         if candidates is None:
-            rec = F.cross_entropy(self.item_scores(u, item_table), target)  # over the catalog (B, N)
+            rec = F.cross_entropy(self.item_scores(u, item_table) + pool_offset, target)  # over the catalog or pool
         else:
             labels = (candidates == target.unsqueeze(1)).long().argmax(dim=1)  # (B,)
             rec = F.cross_entropy(self.item_scores(u, item_table[candidates]), labels)  # over the candidates (B, C)
@@ -320,6 +343,7 @@ class SpeederModel(nn.Module):
         dense = distill = zero
         if self.settings.dense_weight or (self.settings.distill_weight and teacher_logits is not None):
             logits, labels, real = self._slot_logits(hidden, batch, history, target, item_table, states)
+            logits = logits + pool_offset
             if self.settings.dense_weight:
                 dense = F.cross_entropy(logits, labels)
             if self.settings.distill_weight and teacher_logits is not None:

@@ -24,6 +24,9 @@ def test_defaults_and_dotlist_overrides() -> None:
         (["model.mrc.hidden_size=100", "model.mrc.num_heads=3"], "model.mrc.hidden_size"),
         (["score.date=2026-13-01"], "score.date"),
         (["model.modalities=[text,smell]"], "model.modalities[1]"),
+        (["trainer.loss_pool=inbatch"], "trainer.loss_pool"),
+        (["trainer.sampled_negatives=0"], "trainer.sampled_negatives"),
+        (["trainer.loss_pool=sampled", "model.distill_weight=0.5"], "trainer.loss_pool"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:

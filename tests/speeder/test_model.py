@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,38 @@ def test_cached_negatives_match_the_full_softmax_when_fresh(tiny_model, features
     torch.testing.assert_close(cached["rec_loss"], full["rec_loss"], rtol=1e-5, atol=1e-6)
     assert cache.get(tiny_model, features, ALL, step=9) is table  # not refreshed before 10 steps
     assert cache.get(tiny_model, features, ALL, step=10) is not table
+
+
+def test_sampled_softmax_ranks_over_the_batch_items_and_the_negatives(tiny_model, features) -> None:
+    from speeder.loop import loss_pool_inputs
+
+    tiny_model.eval()  # no dropout: every path sees the same tokens
+    history, target = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6]]), torch.tensor([7, 9])
+    n = features.num_items
+    full = tiny_model(history, target, None, features, ALL)
+    every = tiny_model(history, target, None, features, ALL, negatives=torch.arange(n))
+    for key in ("rec_loss", "dense_loss"):  # every item a negative: the catalog softmax itself
+        torch.testing.assert_close(every[key], full[key], rtol=1e-5, atol=1e-6)
+    negatives = torch.tensor([20, 21, 9])
+    sampled = tiny_model(history, target, None, features, ALL, negatives=negatives)
+    pool = sorted({3, 4, 5, 0, 1, 2, 6, 7, 9, 20, 21})  # history, targets, negatives
+    # a drawn item the batch does not touch (20, 21; 9 is a target) is in the pool with probability 3 / n
+    offset = torch.tensor([math.log(n / 3) if i in (20, 21) else 0.0 for i in pool])
+    with torch.no_grad():
+        scores = tiny_model.score_catalog(history, tiny_model.item_tokens(features, ALL))[:, pool] + offset
+    expected = torch.nn.functional.cross_entropy(scores, torch.tensor([pool.index(7), pool.index(9)]))
+    torch.testing.assert_close(sampled["rec_loss"], expected, rtol=1e-4, atol=1e-5)
+    assert float(sampled["rec_loss"]) < float(full["rec_loss"])  # fewer competitors than the catalog
+
+    batch = {"history": history, "target": target, "candidates": torch.tensor([[7, 1], [9, 2]])}
+    draw = lambda k, seed: loss_pool_inputs("sampled", batch, n, k, torch.Generator().manual_seed(seed))[1]  # noqa: E731
+    assert len(set(draw(8, 0).tolist())) == 8 and draw(8, 0).tolist() == draw(8, 0).tolist()
+    assert draw(8, 0).tolist() != draw(8, 1).tolist()
+    assert sorted(draw(10 * n, 0).tolist()) == list(range(n))  # capped at the catalog, no repeats
+    assert loss_pool_inputs("catalog", batch, n, 8, torch.Generator()) == (None, None)
+    assert loss_pool_inputs("candidates", batch, n, 8, torch.Generator())[0] is batch["candidates"]
+    with pytest.raises(ValueError, match="loss_pool"):
+        loss_pool_inputs("softmax", batch, n, 8, torch.Generator())
 
 
 def test_gate_lr_scale_speeds_up_only_the_vision_gate(tiny_model) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from speeder.defaults import LOSS_POOLS
 from speeder_platform.config.schema import PREPARE_SOURCES, STEPS, ConfigError, SpeederConfig
 
 
@@ -78,7 +79,11 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
                           "checkpoints and validation read whole parameters on rank 0; use 2 (optimizer states and "
                           "gradients partitioned; the trainable part, LoRA and MRC, is small)")
     _choice("trainer.zero_stage", t.zero_stage, (1, 2))
-    _choice("trainer.loss_pool", t.loss_pool, ("catalog", "candidates"))
+    _choice("trainer.loss_pool", t.loss_pool, LOSS_POOLS)
+    _positive("trainer.sampled_negatives", t.sampled_negatives)
+    if cfg.model.distill_weight and t.loss_pool != "catalog":
+        raise ConfigError(f"trainer.loss_pool: model.distill_weight > 0 needs the catalog softmax (the teacher scores "
+                          f"every item), got {t.loss_pool!r}")
     _choice("trainer.placement_strategy", t.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     if not t.stages:
         raise ConfigError("trainer.stages: needs at least one stage")

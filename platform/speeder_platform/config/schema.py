@@ -156,7 +156,10 @@ class TrainerConfig:
     # The vision gate g_v (one scalar from 0) learns at lr x this: at 1x it stayed at |g_v| ~0.01 after 900
     # steps on the synthetic catalog (vision silent); at 30x it opened to ~0.25 (speeder/mpo.py).
     gate_lr_scale: float = 30.0
-    loss_pool: str = "catalog"  # catalog: softmax over every item | candidates: over the 20 candidates
+    # catalog: softmax over every item | sampled: over the batch's items and sampled_negatives uniform draws per
+    # step (MRC runs on that pool only) | candidates: over each sample's 20 candidates
+    loss_pool: str = "catalog"
+    sampled_negatives: int = 256  # loss_pool=sampled: negatives drawn per step (capped at the catalog size)
     # Catalog softmax: 0 (default) computes every item's token with gradients at every step. N > 0 reuses
     # tokens up to N steps old for items outside the batch: cheaper on huge catalogs, but the model can learn
     # to tell fresh from stale tokens instead of users' tastes (seen on ML-100K: loss fell, accuracy did not).

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from speeder.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from speeder.loop import NegativeCache, Samples, catalog_tokens, rank_targets, teacher_scores, train_step
+from speeder.loop import (
+    NegativeCache,
+    Samples,
+    catalog_tokens,
+    loss_pool_inputs,
+    rank_targets,
+    teacher_scores,
+    train_step,
+)
 from speeder.metrics import hit_rate, ndcg
 from speeder.mpo import ALL_AT_ONCE, STAGES, Stage
 from speeder.prompt import pad_histories
@@ -117,19 +125,20 @@ class _Engine:
                 model, move_to_device=device, parallel_strategy="ddp" if _world() > 1 else None,
                 parallel_strategy_kwargs={"find_unused_parameters": True} if _world() > 1 else None)
 
-    def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str,
+    def step(self, batch, features, active, *, step: int, seed: int, loss_pool: str, negatives: int,
              teacher: torch.nn.Module | None = None) -> dict[str, float]:
         if self.strategy != "deepspeed":
             return train_step(self.engine, self.optimizer, batch, features, active, step=step, seed=seed,
-                              loss_pool=loss_pool, max_grad_norm=5.0, cache=self.cache, teacher=teacher)
+                              loss_pool=loss_pool, max_grad_norm=5.0, cache=self.cache, teacher=teacher,
+                              negatives=negatives)
         cached = self.cache.get(self.module, features, active, step) if loss_pool == "catalog" else None
         self.engine.train()
         device = features.text.device
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         history = batch["history"].to(device)
-        out = self.engine(history, batch["target"].to(device),
-                          None if loss_pool == "catalog" else batch["candidates"].to(device),
-                          features, list(active), generator, cached, teacher_scores(teacher, history))
+        candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator)
+        out = self.engine(history, batch["target"].to(device), candidates, features, list(active), generator,
+                          cached, teacher_scores(teacher, history), negatives=pool)
         self.engine.backward(out["loss"])
         self.engine.step()
         return {k: float(v.detach()) for k, v in out.items()}
@@ -275,7 +284,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if i < state["step_in_epoch"]:
                 continue  # resumed mid-epoch: these batches were already trained on
             out = engine.step(_batch_tensors(raw, cfg.model.max_history), features, active, step=state["step"],
-                              seed=t.seed, loss_pool=t.loss_pool, teacher=teacher)
+                              seed=t.seed, loss_pool=t.loss_pool, negatives=t.sampled_negatives,
+                              teacher=teacher)
             state["step"] += 1
             state["step_in_epoch"] = i + 1
             seen += t.batch_size * world
