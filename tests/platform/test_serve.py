@@ -315,7 +315,7 @@ def test_the_key_is_in_no_log_and_no_serve_state(server, slow_url: str, http: ht
 def test_the_demo_talks_to_the_endpoint(server, monkeypatch: pytest.MonkeyPatch) -> None:
     from speeder_platform.serve.app import API_KEY_ENV
     from speeder_platform.serve.recommender import RequestError
-    from speeder_ui.app import HttpBackend
+    from speeder_ui.backends import HttpBackend
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     url, _, items, key_file, _ = server

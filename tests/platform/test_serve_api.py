@@ -299,7 +299,7 @@ def test_the_key_file_is_a_local_path_in_the_config() -> None:
 
 def test_the_demo_client_sends_the_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from speeder_platform.serve.app import API_KEY_ENV
-    from speeder_ui.app import HttpBackend
+    from speeder_ui.backends import HttpBackend
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert "authorization" not in HttpBackend("http://127.0.0.1:9").http.headers

@@ -47,7 +47,8 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
         train_item_counts,
     )
     from speeder_platform.serve.recommender import Limits, Recommender, load_test_users
-    from speeder_ui.app import BaselineBackend, LocalBackend, create_app
+    from speeder_ui.app import create_app
+    from speeder_ui.backends import BaselineBackend, LocalBackend
 
     root = tmp_path_factory.mktemp("ui")
     data = prepare_synthetic(str(root / "data"))
