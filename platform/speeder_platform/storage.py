@@ -133,6 +133,18 @@ def exists(uri: str) -> bool:
     return _info(uri).type != pafs.FileType.NotFound
 
 
+def size(uri: str) -> int:
+    """Bytes of a file, or of every file under a folder (0 when nothing is there)."""
+    info = _info(uri)
+    if info.type == pafs.FileType.File:
+        return int(info.size or 0)
+    if info.type != pafs.FileType.Directory:
+        return 0
+    fs, path = resolve(uri)
+    infos = _call(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), "list")
+    return sum(int(i.size or 0) for i in infos if i.type == pafs.FileType.File)
+
+
 def is_dir(uri: str) -> bool:
     return _info(uri).type == pafs.FileType.Directory
 

@@ -49,6 +49,10 @@ def test_s3_round_trip_through_loopback_server(s3_bucket: str) -> None:
     storage.write_json(f"{s3_bucket}/data/meta.json", {"n": 3})
     assert storage.read_json(f"{s3_bucket}/data/meta.json") == {"n": 3}
     assert storage.listdir(f"{s3_bucket}/data") == ["items.parquet", "meta.json"]
+    file_bytes = storage.size(uri)
+    assert file_bytes == len(storage.read_bytes(uri)) > 0
+    assert storage.size(f"{s3_bucket}/data") == file_bytes + len(storage.read_bytes(f"{s3_bucket}/data/meta.json"))
+    assert storage.size(f"{s3_bucket}/nothing-here") == 0
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(f"{s3_bucket}/data/missing.json")
 
