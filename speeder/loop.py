@@ -206,7 +206,7 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
         active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
         log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0,
-        teacher: nn.Module | None = None) -> list[dict[str, float]]:
+        teacher: nn.Module | None = None, negatives: int = 256) -> list[dict[str, float]]:
     """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
     history = []
     step = 0
@@ -215,7 +215,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, feat
         t0, losses, seen = time.perf_counter(), [], 0
         for batch in train.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
             out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool,
-                             cache=cache, teacher=teacher)
+                             cache=cache, teacher=teacher, negatives=negatives)
             losses.append(out["loss"])
             seen += len(batch["target"])
             step += 1

@@ -17,7 +17,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from speeder_platform.config import PREPARE_SOURCES, ConfigError
+from speeder.defaults import LOSS_POOLS
+from speeder_platform.config import PREPARE_SOURCES, ConfigError, TrainerConfig
 from speeder_platform.offline import NO_TELEMETRY
 
 log = logging.getLogger("speeder")
@@ -144,7 +145,8 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     report = run_bench_speed(backbone=args.backbone, num_layers=args.num_layers, dataset=args.dataset,
                              history=args.history, train_batch=args.train_batch, train_steps=args.train_steps,
                              infer_batch=args.infer_batch, infer_batches=args.infer_batches, threads=args.threads,
-                             negative_cache_steps=args.negative_cache_steps)
+                             negative_cache_steps=args.negative_cache_steps, loss_pool=args.loss_pool,
+                             sampled_negatives=args.sampled_negatives)
     if args.out:
         storage.write_json(args.out, report)
     sys.stdout.write(format_report(report) + "\n" + json.dumps({k: report[k] for k in (
@@ -312,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     bspeed.add_argument("--threads", type=int, default=2)
     bspeed.add_argument("--negative-cache-steps", type=int, help="Speeder's catalog-token cache "
                         "(default: the trainer's, 0 = fresh tokens for every item at every step)")
+    bspeed.add_argument("--loss-pool", choices=LOSS_POOLS, default=TrainerConfig.loss_pool,
+                        help="Speeder's training softmax (trainer.loss_pool; default: the trainer's, catalog)")
+    bspeed.add_argument("--sampled-negatives", type=int, default=TrainerConfig.sampled_negatives,
+                        help="negatives per step with --loss-pool sampled (trainer.sampled_negatives)")
     bspeed.add_argument("--out", help="write the figures as JSON here")
     bspeed.set_defaults(func=_cmd_bench_speed)
     _add_bench_quality(bsub)

@@ -153,7 +153,8 @@ def _measure_speeder(inputs: _Inputs, args: dict[str, Any]) -> dict[str, Any]:
         refresh = (time.perf_counter() - t0) / refresh_every
     batch = _cycle(inputs.batches)
     out["train_step_s"] = refresh + _timed(
-        lambda: train_step(model, opt, batch(), features, active, step=0, loss_pool=args["loss_pool"], cache=cache),
+        lambda: train_step(model, opt, batch(), features, active, step=0, loss_pool=args["loss_pool"], cache=cache,
+                           negatives=args["sampled_negatives"]),
         args["train_steps"])
     model.eval()
     with torch.no_grad():
@@ -225,7 +226,7 @@ def _measure_llara(inputs: _Inputs, args: dict[str, Any]) -> dict[str, Any]:
 def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = None, dataset: str = DEFAULT_DATASET,
                     history: int = 20, train_batch: int = 4, train_steps: int = 3, infer_batch: int = 8,
                     infer_batches: int = 3, threads: int = 2, loss_pool: str = "catalog",
-                    negative_cache_steps: int | None = None) -> dict[str, Any]:
+                    negative_cache_steps: int | None = None, sampled_negatives: int = 256) -> dict[str, Any]:
     """Measure both systems (each in a fresh process) and compute the ratios.
 
     negative_cache_steps: Speeder's catalog-token cache (None: the trainer's default, see TrainerConfig).
@@ -238,7 +239,7 @@ def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = 
     args = {"backbone": backbone, "num_layers": num_layers, "dataset": dataset, "history": history,
             "train_batch": train_batch, "train_steps": train_steps, "infer_batch": infer_batch,
             "infer_batches": infer_batches, "threads": threads, "loss_pool": loss_pool,
-            "negative_cache_steps": negative_cache_steps}
+            "negative_cache_steps": negative_cache_steps, "sampled_negatives": sampled_negatives}
     results = {}
     for system in ("speeder", "llara"):
         log.info("measuring %s (%s)...", system, backbone)

@@ -111,7 +111,7 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
         chunk = train.subset(order[bounds[c] * bs:bounds[c + 1] * bs])
         epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=t.seed * 1000 + c,
                     loss_pool=t.loss_pool, log_every=0, negative_cache_steps=t.negative_cache_steps,
-                    teacher=teacher)[0]
+                    teacher=teacher, negatives=t.sampled_negatives)[0]
         curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])
