@@ -295,44 +295,13 @@ class SpeederModel(nn.Module):
         items (history + target) run through MRC with gradients: cached negatives.
         """
         history = history[:, -self.settings.max_history:]
-        pool_offset: torch.Tensor | float = 0.0  # (K,) with a sampled pool: + log(1 / inclusion probability)
         states = self.sequence_states(history, active)  # (B, H, D) or None, from catalog ids
         if self.training and self.settings.sequence_dropout > 0 and "sequence" in active:
             features = self._drop_sequences(features, active, generator)
-        if candidates is None and negatives is not None:
-            if teacher_logits is not None:
-                raise ValueError("distillation needs the catalog softmax (trainer.loss_pool=catalog)")
-            touched = torch.unique(torch.cat([history[history >= 0], target]))
-            ids = torch.unique(torch.cat([touched, negatives]))
-            local = torch.full((features.num_items,), -1, dtype=torch.long, device=ids.device)
-            local[ids] = torch.arange(len(ids), device=ids.device)
-            item_table = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
-            history = torch.where(history >= 0, local[history.clamp(min=0)], history)
-            target = local[target]
-            # Sampled-softmax correction (logit - log q): a touched item is in the pool with probability 1, a
-            # drawn one with M / N, so drawn logits get + log(N / M) and the pool's normaliser estimates the
-            # catalog's instead of under-weighting the items that are rarely drawn.
-            pool_offset = torch.where(torch.isin(ids, touched), 0.0,
-                                      math.log(features.num_items / len(negatives)))  # (K,)
-        elif candidates is None and cached_table is not None:
-            ids = torch.unique(torch.cat([history[history >= 0], target]))
-            fresh = self.item_tokens(features.select(ids), active)  # (K, D), with gradients into MRC
-            item_table = cached_table.detach().to(fresh.dtype).index_put((ids,), fresh)  # (N, D)
-        elif candidates is None:
-            item_table = self.item_tokens(features, active)  # (N, D), with gradients into MRC
-        else:
-            in_pool = (candidates == target.unsqueeze(1)).any(dim=1)  # (B,)
-            if not bool(in_pool.all()):
-                row = int((~in_pool).nonzero()[0])
-                raise ValueError(f"candidate loss: target {int(target[row])} of sample {row} is not among its "
-                                 f"candidates {candidates[row].tolist()}")
-            # Only the items this batch touches need tokens: MRC runs on K <= B * (H + C) items.
-            ids = torch.unique(torch.cat([history[history >= 0], candidates.flatten()]))
-            local = torch.full((features.num_items,), -1, dtype=torch.long, device=ids.device)
-            local[ids] = torch.arange(len(ids), device=ids.device)
-            item_table = self.item_tokens(features.select(ids), active)  # (K, D)
-            history = torch.where(history >= 0, local[history.clamp(min=0)], history)
-            target, candidates = local[target], local[candidates]
+        if teacher_logits is not None and (candidates is not None or negatives is not None):
+            raise ValueError("distillation needs the catalog softmax (trainer.loss_pool=catalog)")
+        item_table, history, target, candidates, pool_offset = self._loss_pool(
+            history, target, candidates, features, active, cached_table, negatives)
         u, hidden, batch = self.user_vectors(history, item_table, active, states)
         if candidates is None:
             rec = F.cross_entropy(self.item_scores(u, item_table) + pool_offset, target)  # over the catalog or pool
@@ -347,8 +316,6 @@ class SpeederModel(nn.Module):
             if self.settings.dense_weight:
                 dense = F.cross_entropy(logits, labels)
             if self.settings.distill_weight and teacher_logits is not None:
-                if candidates is not None:
-                    raise ValueError("distillation needs the catalog softmax (trainer.loss_pool=catalog)")
                 teacher = teacher_logits[:, -history.shape[1]:][real].float()  # (K, N)
                 distill = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
                                    reduction="batchmean")
@@ -364,6 +331,49 @@ class SpeederModel(nn.Module):
         loss = rec + s.dense_weight * dense + s.distill_weight * distill + s.ppt_lambda * ppt
         return {"loss": loss, "rec_loss": rec.detach(), "dense_loss": dense.detach(),
                 "distill_loss": distill.detach(), "ppt_loss": ppt.detach()}
+
+    def _loss_pool(self, history: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None,
+                   features: ItemFeatures, active: list[str], cached_table: torch.Tensor | None,
+                   negatives: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor | None, torch.Tensor | float]:
+        """The item tokens the losses rank over, with gradients into MRC, and the batch in that table's rows:
+        -> (item_table (P, D), history (B, H), target (B,), candidates (B, C) or None, offset (P,) or 0.0).
+
+        catalog: P = N, every token fresh (or, with cached_table, only the batch's own items fresh);
+        sampled (negatives): P = K pool items, offset + log(N / M) on drawn items the batch does not touch;
+        candidates: P = the K items the batch touches (histories and candidates).
+        """
+        def local_rows(ids: torch.Tensor) -> torch.Tensor:  # catalog id -> row of the pool table (or -1)
+            local = torch.full((features.num_items,), -1, dtype=torch.long, device=ids.device)
+            local[ids] = torch.arange(len(ids), device=ids.device)
+            return local
+
+        real = history[history >= 0]
+        if candidates is None and negatives is None:
+            if cached_table is None:
+                return self.item_tokens(features, active), history, target, None, 0.0  # (N, D)
+            ids = torch.unique(torch.cat([real, target]))
+            fresh = self.item_tokens(features.select(ids), active)  # (K, D)
+            return cached_table.detach().to(fresh.dtype).index_put((ids,), fresh), history, target, None, 0.0
+        if candidates is None:
+            touched = torch.unique(torch.cat([real, target]))
+            ids = torch.unique(torch.cat([touched, negatives]))
+            # Sampled-softmax correction (logit - log q): a touched item is in the pool with probability 1, a
+            # drawn one with M / N, so drawn logits get + log(N / M) and the pool's normaliser estimates the
+            # catalog's instead of under-weighting the items that are rarely drawn.
+            offset = torch.where(torch.isin(ids, touched), 0.0, math.log(features.num_items / len(negatives)))
+        else:
+            in_pool = (candidates == target.unsqueeze(1)).any(dim=1)  # (B,)
+            if not bool(in_pool.all()):
+                row = int((~in_pool).nonzero()[0])
+                raise ValueError(f"candidate loss: target {int(target[row])} of sample {row} is not among its "
+                                 f"candidates {candidates[row].tolist()}")
+            ids = torch.unique(torch.cat([real, candidates.flatten()]))  # K <= B * (H + C) items
+            offset = 0.0
+        local = local_rows(ids)
+        history = torch.where(history >= 0, local[history.clamp(min=0)], history)
+        candidates = None if candidates is None else local[candidates]
+        return self.item_tokens(features.select(ids), active), history, local[target], candidates, offset
 
     def _drop_sequences(self, features: ItemFeatures, active: list[str],
                         generator: torch.Generator | None) -> ItemFeatures:
