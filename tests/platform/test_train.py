@@ -1,19 +1,16 @@
-"""Ray Train: stages, DDP and DeepSpeed on CPU, checkpoints on local disk and S3, resuming after failures."""
+"""Ray Train: stages, DDP and DeepSpeed on CPU, a rerun that skips finished stages. Checkpoints on S3 and
+resuming after a killed worker or driver: the fault scenarios (tests/fault/test_train_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import threading
 import time
 
 import pytest
 
 from speeder.checkpoint import read_meta
 from speeder_platform import storage
-from speeder_platform.bench.faults.train import registered_checkpoints
 from speeder_platform.train.driver import run_training
 from speeder_platform.trained import final_checkpoint, load_trained, run_uri
 from testkit.datasets import prepare_synthetic, tiny_config, write_random_features
@@ -36,22 +33,6 @@ def config(tmp_path: pathlib.Path, dataset: str, *overrides: str):
 def checkpoint_meta(uri: str, tmp_path: pathlib.Path) -> dict:
     local = storage.download_dir(uri, str(tmp_path / f"ckpt-{time.monotonic_ns()}"))
     return read_meta(local)
-
-
-def stage_dir_of(cfg, stage: int = 1) -> str:
-    return storage.join(cfg.trainer.storage_path, f"{cfg.trainer.run_name}-stage{stage}")
-
-
-def complete_checkpoints(stage_dir: str) -> list[str]:
-    """Checkpoint folders holding a meta.json (written last). On S3, checkpoints Ray deleted
-    (num_to_keep) can leave an empty folder marker behind."""
-    return [storage.join(stage_dir, n) for n in storage.listdir(stage_dir)
-            if n.startswith("checkpoint_") and storage.exists(storage.join(stage_dir, n, "meta.json"))]
-
-
-def latest_checkpoint_meta(stage_dir: str, tmp_path: pathlib.Path) -> dict:
-    """meta.json of the checkpoint with the most steps (the best one may predate a failure)."""
-    return max((checkpoint_meta(c, tmp_path) for c in complete_checkpoints(stage_dir)), key=lambda m: m["step"])
 
 
 def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
@@ -82,47 +63,6 @@ def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
     meta = checkpoint_meta(summary.checkpoint, tmp_path)
     assert meta["strategy"] == "deepspeed"
     assert meta["train_state"]["step"] > 0
-
-
-def test_checkpoints_on_s3_and_a_killed_worker_resumes(ray_local, dataset, tmp_path, s3_bucket) -> None:
-    import ray
-    from ray.util.state import list_actors
-
-    cfg = config(tmp_path, dataset, f"trainer.storage_path={s3_bucket}/train", "trainer.epochs=3",
-                 "trainer.max_steps_per_epoch=12", "trainer.patience=10", "trainer.checkpoint_every=3",
-                 "trainer.max_failures=2")
-    killed: list[int] = []
-    errors: list[str] = []
-    gcs = ray.get_runtime_context().gcs_address  # this test's Ray, whatever else runs on the machine
-
-    def kill_a_worker_after_a_registered_checkpoint() -> None:
-        # Only a checkpoint Ray Train's controller has registered (it is in its snapshot file) is one to
-        # resume from: a folder uploaded by a worker killed before the controller polled its report is,
-        # rightly, not. Waiting for complete folders alone raced with that poll on a fast machine.
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            try:
-                latest, _ = registered_checkpoints(stage_dir_of(cfg))
-                if latest is not None:
-                    workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"),
-                                                                ("state", "=", "ALIVE")])
-                    if workers:
-                        os.kill(workers[0]["pid"], signal.SIGKILL)
-                        killed.append(workers[0]["pid"])
-                        return
-            except Exception as err:  # a folder deleted while listed, the state API busy: look again
-                errors.append(repr(err))
-            time.sleep(0.3)
-
-    killer = threading.Thread(target=kill_a_worker_after_a_registered_checkpoint, daemon=True)
-    killer.start()
-    summary = run_training(cfg)
-    killer.join(timeout=5)
-    assert killed, f"no worker was killed before the stage ended (errors: {errors[-3:]})"
-    assert summary.checkpoint.startswith(s3_bucket)
-    latest = latest_checkpoint_meta(stage_dir_of(cfg), tmp_path)
-    assert latest["train_state"]["resumes"] >= 1  # restored from its own checkpoint, not restarted from scratch
-    assert latest["epoch"] == cfg.trainer.epochs
 
 
 def test_a_rerun_with_more_stages_skips_the_finished_ones(ray_local, dataset, tmp_path, caplog) -> None:

@@ -67,10 +67,10 @@ def _stage_dir(cfg) -> str:
     return storage.join(cfg.trainer.storage_path, f"{cfg.trainer.run_name}-stage1")
 
 
-def _train_config(ws: Workspace, name: str):
+def _train_config(ws: Workspace, name: str, *overrides: str):
     return ws.config(f"trainer.epochs={EPOCHS}", f"trainer.max_steps_per_epoch={STEPS}", "trainer.patience=10",
                      "trainer.checkpoint_every=3", "trainer.max_failures=2",
-                     f"trainer.run_name={name}-{uuid.uuid4().hex[:6]}")
+                     f"trainer.run_name={name}-{uuid.uuid4().hex[:6]}", *overrides)
 
 
 def _loads(checkpoint: str) -> str | None:
@@ -99,32 +99,37 @@ def _judge(run: dict[str, Any]) -> tuple[bool, str]:
 
 
 def train_worker_killed(ws: Workspace) -> dict[str, Any]:
-    """SIGKILL a Ray Train worker once Ray Train registered a checkpoint; the stage must resume from it."""
+    """SIGKILL a Ray Train worker once Ray Train registered a checkpoint; the stage must resume from it.
+    The stage's checkpoints live on the workspace's S3 server, as on a cluster (uploads, Ray Train's
+    snapshot and the restarted workers' download all go through the object store)."""
     from speeder_platform.train.driver import run_training
 
     started = time.perf_counter()
-    cfg = _train_config(ws, "worker-killed")
-    stage_dir = _stage_dir(cfg)
     killed: dict[str, int] = {}
+    with ws.s3.environment():
+        cfg = _train_config(ws, "worker-killed", f"trainer.storage_path={ws.s3.bucket()}/train")
+        stage_dir = _stage_dir(cfg)
 
-    def kill_a_worker() -> None:
-        if wait_for(lambda: _registered_step(stage_dir), timeout_s=300):
-            workers = wait_for(lambda: alive_actors("RayTrainWorker"), timeout_s=30)
-            if workers:
-                killed.update(pid=workers[0]["pid"], registered_step=_registered_step(stage_dir))
-                kill_pid(workers[0]["pid"])
+        def kill_a_worker() -> None:
+            if wait_for(lambda: _registered_step(stage_dir), timeout_s=300):
+                workers = wait_for(lambda: alive_actors("RayTrainWorker"), timeout_s=30)
+                if workers:
+                    killed.update(pid=workers[0]["pid"], registered_step=_registered_step(stage_dir))
+                    kill_pid(workers[0]["pid"])
 
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
-    summary = run_training(cfg)
-    killer.join(timeout=5)
-    lost, shows = _judge(check_run(stage_dir))
-    ws.adopt("checkpoint", summary.checkpoint)
+        killer = threading.Thread(target=kill_a_worker, daemon=True)
+        killer.start()
+        summary = run_training(cfg)
+        killer.join(timeout=5)
+        lost, shows = _judge(check_run(stage_dir))
+    on_s3 = summary.checkpoint.startswith("s3://")
     observed = (f"worker pid {killed.get('pid', '-')} killed (latest registered checkpoint: step "
-                f"{killed.get('registered_step', '-')}); Ray Train restarted the worker group, which {shows}")
+                f"{killed.get('registered_step', '-')}); Ray Train restarted the worker group, which {shows}; "
+                f"final checkpoint on S3: {on_s3}")
     return outcome("train-worker-killed", f"SIGKILL of the Ray Train worker mid-stage, after its first registered "
-                   f"checkpoint ({EPOCHS * STEPS} steps, a checkpoint every 3)", observed, data_lost=lost,
-                   passed=bool(killed), started=started, killed=killed, checkpoint=summary.checkpoint)
+                   f"checkpoint ({EPOCHS * STEPS} steps, a checkpoint every 3, checkpoints on S3)", observed,
+                   data_lost=lost, passed=bool(killed) and on_s3, started=started, killed=killed,
+                   checkpoint=summary.checkpoint)
 
 
 def _driver(spec: str, log_path: str, env: dict[str, str]) -> subprocess.Popen:
