@@ -6,3 +6,4 @@ LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 
 # The training losses' softmax pools (speeder.loop.loss_pool_inputs, trainer.loss_pool).
 LOSS_POOLS = ("catalog", "sampled", "candidates")
+SAMPLED_NEGATIVES = 256  # negatives drawn per step by the sampled softmax (trainer.sampled_negatives)

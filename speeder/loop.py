@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from speeder.defaults import LOSS_POOLS
+from speeder.defaults import LOSS_POOLS, SAMPLED_NEGATIVES
 from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
 from speeder.mrc import ItemFeatures
 from speeder.prompt import PAD_ITEM, pad_histories
@@ -96,7 +96,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                features: ItemFeatures, active: Iterable[str], *, step: int, seed: int = 0,
                loss_pool: str = "catalog", max_grad_norm: float | None = 5.0,
                cache: NegativeCache | None = None, teacher: nn.Module | None = None,
-               negatives: int = 256) -> dict[str, float]:
+               negatives: int = SAMPLED_NEGATIVES) -> dict[str, float]:
     """One optimisation step; returns the losses as floats.
 
     loss_pool: "catalog" (softmax over every item), "sampled" (over the batch's items and `negatives`
@@ -206,7 +206,7 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
         active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
         log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0,
-        teacher: nn.Module | None = None, negatives: int = 256) -> list[dict[str, float]]:
+        teacher: nn.Module | None = None, negatives: int = SAMPLED_NEGATIVES) -> list[dict[str, float]]:
     """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
     history = []
     step = 0

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from speeder.defaults import SAMPLED_NEGATIVES
+
 log = logging.getLogger("speeder.bench")
 
 DEFAULT_DATASET = "runs/bench/ml100k"
@@ -226,7 +228,8 @@ def _measure_llara(inputs: _Inputs, args: dict[str, Any]) -> dict[str, Any]:
 def run_bench_speed(*, backbone: str = "smollm2-135m", num_layers: int | None = None, dataset: str = DEFAULT_DATASET,
                     history: int = 20, train_batch: int = 4, train_steps: int = 3, infer_batch: int = 8,
                     infer_batches: int = 3, threads: int = 2, loss_pool: str = "catalog",
-                    negative_cache_steps: int | None = None, sampled_negatives: int = 256) -> dict[str, Any]:
+                    negative_cache_steps: int | None = None,
+                    sampled_negatives: int = SAMPLED_NEGATIVES) -> dict[str, Any]:
     """Measure both systems (each in a fresh process) and compute the ratios.
 
     negative_cache_steps: Speeder's catalog-token cache (None: the trainer's default, see TrainerConfig).

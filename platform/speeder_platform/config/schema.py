@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from speeder.defaults import LORA_TARGETS
+from speeder.defaults import LORA_TARGETS, SAMPLED_NEGATIVES
 
 PREPARE_SOURCES = ("movielens-100k", "amazon2018", "amazon2023", "synthetic")
 STEPS = ("prepare", "featurize", "train", "evaluate", "score")
@@ -159,7 +159,7 @@ class TrainerConfig:
     # catalog: softmax over every item | sampled: over the batch's items and sampled_negatives uniform draws per
     # step (MRC runs on that pool only) | candidates: over each sample's 20 candidates
     loss_pool: str = "catalog"
-    sampled_negatives: int = 256  # loss_pool=sampled: negatives drawn per step (capped at the catalog size)
+    sampled_negatives: int = SAMPLED_NEGATIVES  # loss_pool=sampled: negatives per step (capped at the catalog)
     # Catalog softmax: 0 (default) computes every item's token with gradients at every step. N > 0 reuses
     # tokens up to N steps old for items outside the batch: cheaper on huge catalogs, but the model can learn
     # to tell fresh from stale tokens instead of users' tastes (seen on ML-100K: loss fell, accuracy did not).
