@@ -140,9 +140,14 @@ def size(uri: str) -> int:
         return int(info.size or 0)
     if info.type != pafs.FileType.Directory:
         return 0
+    return sum(int(i.size or 0) for i in _files(uri))
+
+
+def _files(uri: str) -> list[pafs.FileInfo]:
+    """Every file under a folder, at any depth (listing retried on S3)."""
     fs, path = resolve(uri)
     infos = _call(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), "list")
-    return sum(int(i.size or 0) for i in infos if i.type == pafs.FileType.File)
+    return [i for i in infos if i.type == pafs.FileType.File]
 
 
 def is_dir(uri: str) -> bool:
@@ -276,18 +281,16 @@ def committed_files(uri: str) -> list[str]:
     A folder committed by `commit_dir` on an object store carries a manifest: only the files it
     names are read, so a reader never mixes a previous run's files with a new one's.
     """
-    fs, path = resolve(uri)
+    _, path = resolve(uri)
     if _info(join(uri, MANIFEST)).type == pafs.FileType.File:
         names = read_json(join(uri, MANIFEST))["files"]
         return [posixpath.join(path, n) for n in names]
-    infos = _call(uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), "list")
     # On an object store, run-* folders without a manifest are a first commit still copying: not data yet.
     hidden = (".", "_", "run-") if is_s3(uri) else (".", "_")
     return sorted(
         i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.endswith(".parquet")
+        for i in _files(uri)
+        if i.path.endswith(".parquet")
         and not any(p.startswith(hidden) for p in posixpath.relpath(i.path, path).split("/"))
     )
 
@@ -334,8 +337,7 @@ def commit_dir(staging_uri: str, final_uri: str) -> None:
     fs, staging = resolve(staging_uri)
     _, final = resolve(final_uri)
     run = f"run-{int(time.time())}-{uuid.uuid4().hex[:12]}"  # its start time: see STALE_RUN_S
-    listed = _call(staging_uri, lambda: fs.get_file_info(pafs.FileSelector(staging, recursive=True)), "list")
-    infos = [i for i in listed if i.is_file]
+    infos = _files(staging_uri)
     names = []
     for info in sorted(infos, key=lambda i: i.path):
         rel = posixpath.relpath(info.path, staging)
