@@ -112,7 +112,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     device = features.text.device
     history = batch["history"].to(device)
-    candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator)
+    candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator, device)
     out = model(history, batch["target"].to(device), candidates, features, list(active), generator, cached,
                 teacher_scores(teacher, history), negatives=pool)
     optimizer.zero_grad(set_to_none=True)
@@ -125,19 +125,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
 
 
 def loss_pool_inputs(loss_pool: str, batch: dict[str, torch.Tensor], num_items: int, negatives: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The model's (candidates, negatives) arguments for a loss pool: candidates (B, C) for "candidates",
-    negatives (M,) ids drawn without replacement (M = min(negatives, N), from `generator`) for "sampled",
-    neither for "catalog"."""
+                     generator: torch.Generator, device: torch.device | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The model's (candidates, negatives) arguments for a loss pool, on `device` (the model's; default the
+    batch's): candidates (B, C) for "candidates", negatives (M,) ids drawn without replacement
+    (M = min(negatives, N), from `generator`, a CPU generator) for "sampled", neither for "catalog"."""
+    device = batch["history"].device if device is None else device
     if loss_pool == "catalog":
         return None, None
     if loss_pool == "candidates":
-        return batch["candidates"].to(batch["history"].device), None
+        return batch["candidates"].to(device), None
     if loss_pool == "sampled":
         if negatives < 1:
             raise ValueError(f"sampled softmax: negatives must be >= 1, got {negatives}")
         ids = torch.randperm(num_items, generator=generator)[:negatives]
-        return None, ids.to(batch["history"].device)
+        return None, ids.to(device)
     raise ValueError(f"loss_pool must be one of {LOSS_POOLS}, got {loss_pool!r}")
 
 

@@ -136,7 +136,7 @@ class _Engine:
         device = features.text.device
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         history = batch["history"].to(device)
-        candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator)
+        candidates, pool = loss_pool_inputs(loss_pool, batch, features.num_items, negatives, generator, device)
         out = self.engine(history, batch["target"].to(device), candidates, features, list(active), generator,
                           cached, teacher_scores(teacher, history), negatives=pool)
         self.engine.backward(out["loss"])
