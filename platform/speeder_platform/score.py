@@ -174,22 +174,29 @@ def _num_blocks(rows: int, cfg: SpeederConfig) -> int:
 
 
 def _histories(cfg: SpeederConfig, env: dict[str, Any]) -> Any:
-    """The input as a materialised Ray Dataset (read before the scorers start, so they never compete)."""
+    """The input as a materialised Ray Dataset (read before the scorers start, so they never compete).
+    A small input (tables.SMALL_TABLE_BYTES) is read by the driver: no read tasks to start."""
     import ray.data
+
+    from speeder_platform.tables import in_blocks, is_small, require_columns
 
     if cfg.score.input is None:
         table = latest_histories(cfg.data.uri)
-        step = -(-table.num_rows // _num_blocks(table.num_rows, cfg))
-        return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
-    fs, path = storage.resolve(cfg.score.input)
-    ds = ray.data.read_parquet(path, filesystem=fs, runtime_env=env)
-    names = ds.schema().names
-    missing = [c for c in (schema.USER_ID, schema.HISTORY) if c not in names]
-    if missing:
-        raise ValueError(f"score.input {cfg.score.input}: missing column(s) {', '.join(missing)} "
-                         f"(has {', '.join(names)})")
-    ds = ds.select_columns([schema.USER_ID, schema.HISTORY]).materialize()
-    return ds.repartition(_num_blocks(ds.count(), cfg)).materialize()
+    elif is_small(cfg.score.input):
+        table = storage.read_table(cfg.score.input)
+        require_columns(table, [schema.USER_ID, schema.HISTORY], f"score.input {cfg.score.input}")
+        table = table.select([schema.USER_ID, schema.HISTORY])
+    else:
+        fs, path = storage.resolve(cfg.score.input)
+        ds = ray.data.read_parquet(path, filesystem=fs, runtime_env=env)
+        names = ds.schema().names
+        missing = [c for c in (schema.USER_ID, schema.HISTORY) if c not in names]
+        if missing:
+            raise ValueError(f"score.input {cfg.score.input}: missing column(s) {', '.join(missing)} "
+                             f"(has {', '.join(names)})")
+        ds = ds.select_columns([schema.USER_ID, schema.HISTORY]).materialize()
+        return ds.repartition(_num_blocks(ds.count(), cfg)).materialize()
+    return ray.data.from_arrow(in_blocks(table, -(-table.num_rows // _num_blocks(table.num_rows, cfg))))
 
 
 def _drop_rows(batch: pa.Table, duplicates: np.ndarray) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tempfile
 import time
 
 import pytest
@@ -37,7 +38,10 @@ def checkpoint_meta(uri: str, tmp_path: pathlib.Path) -> dict:
 
 def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
     cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=ddp")
+    local_checkpoints = set(pathlib.Path(tempfile.gettempdir()).glob("speeder-ckpt-*"))
     summary = run_training(cfg)
+    # Each epoch's checkpoint is written to a local folder, copied to storage, and the local folder removed.
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("speeder-ckpt-*")) <= local_checkpoints
     assert [s["stage"] for s in summary.stages] == [1]
     assert 0.0 <= summary.stages[0]["metrics"]["valid_hr1"] <= 1.0
     assert final_checkpoint(cfg) == summary.checkpoint

@@ -45,7 +45,7 @@ from speeder_platform.featurize.ops import (
 )
 from speeder_platform.featurize.report import FeaturizeReport
 from speeder_platform.featurize.sequence import SequenceFeatures, sequence_features
-from speeder_platform.tables import features_folder, features_uri, require_columns
+from speeder_platform.tables import features_folder, features_uri, in_blocks, is_small, require_columns
 
 log = logging.getLogger("speeder.featurize")
 
@@ -121,10 +121,16 @@ def _encode(cfg: SpeederConfig, items_uri: str, columns: list[str], known: np.nd
     # Workers get the driver's storage settings (endpoint, region) even if Ray started earlier; never credentials.
     common = {"batch_format": "pyarrow", "batch_size": fz.batch_size, "runtime_env": {"env_vars": worker_env()}}
     pool = {**common, "num_cpus": fz.actor_num_cpus, "num_gpus": gpus}
-    fs, path = storage.resolve(items_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, runtime_env=common["runtime_env"])
-    if known is not None:
-        ds = ds.map_batches(drop_known, fn_kwargs={"known": known}, **common)
+    if is_small(items_uri):  # read by the driver (tables.SMALL_TABLE_BYTES): no read tasks to start
+        items = storage.read_table(items_uri, columns=columns)
+        if known is not None:
+            items = drop_known(items, known)
+        ds = ray.data.from_arrow(in_blocks(items, fz.batch_size))
+    else:
+        fs, path = storage.resolve(items_uri)
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, runtime_env=common["runtime_env"])
+        if known is not None:
+            ds = ds.map_batches(drop_known, fn_kwargs={"known": known}, **common)
     backbone = encoder_settings(cfg).get("backbone")
     ds = ds.map_batches(TextEmbedder, fn_constructor_kwargs={"encoder": fz.text_encoder, "num_gpus": gpus,
                                                              "backbone": backbone},

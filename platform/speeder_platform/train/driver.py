@@ -23,7 +23,7 @@ from speeder_platform import storage
 from speeder_platform.config import SpeederConfig, to_dict
 from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import ensure_ray
-from speeder_platform.tables import available_modalities, load_item_features, split_uri
+from speeder_platform.tables import available_modalities, is_small, load_item_features, split_uri
 from speeder_platform.train.worker import METRIC, train_loop_per_worker
 from speeder_platform.trained import FINAL_FILE, STAGES_FILE, run_uri
 
@@ -73,11 +73,6 @@ def steps_per_epoch(samples: int, cfg: SpeederConfig) -> int:
     return min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
 
 
-# A train split up to this size is read by the driver and handed to Ray Data from memory: a distributed read
-# costs ~7 s of task start-up per stage on a 2-core machine, for a table that is a few MB (ML-100K's: ~2 MB).
-SMALL_SPLIT_BYTES = 64 * 2**20
-
-
 def _train_dataset(cfg: SpeederConfig, stage_index: int):
     """One stage's training samples as a materialised Ray Dataset: the whole train split, or a subsample
     seeded by (trainer.seed, stage), so every stage draws fresh samples.
@@ -90,10 +85,10 @@ def _train_dataset(cfg: SpeederConfig, stage_index: int):
 
     uri = split_uri(cfg.data.uri, "train")
     limit = stage_sample_limit(cfg, stage_index)
-    if limit is None and storage.size(uri) > SMALL_SPLIT_BYTES:
+    if limit is None and not is_small(uri):
         fs, path = storage.resolve(uri)
         return ray.data.read_parquet(path, filesystem=fs).materialize()
-    table = storage.read_table(uri)  # a small split: one read by the driver, no read tasks to start (~7 s)
+    table = storage.read_table(uri)  # a small split: one read by the driver, no read tasks to start
     limit = table.num_rows if limit is None else limit
     if limit < table.num_rows:
         table = table.take(np.sort(stage_sample_indices(table.num_rows, limit, cfg.trainer.seed, stage_index)))
