@@ -52,6 +52,13 @@ def _job_env_vars() -> set[str]:
         return set()
 
 
+# An embedded local Ray runs one job's steps back to back. Ray kills an idle worker process 1 s after its last
+# task once there are more than CPUs, and the next task starts a new one, which imports torch again (~3-5 s of
+# CPU): the score step's write and metadata tasks each paid it. Idle task workers are kept for 10 minutes
+# (fault-bench scoring file: 434 -> 296 s of CPU, 263 -> 185 s of wall time on 2 cores).
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+
+
 def ensure_ray(cfg: SpeederConfig | None = None) -> str:
     """Join or start Ray; returns "cluster" or "local"."""
     address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
@@ -77,7 +84,8 @@ def ensure_ray(cfg: SpeederConfig | None = None) -> str:
     # without it the cleaner cannot work and floods the log with "Failed to query ... actor state".
     # address="local": always a new instance, never a cluster some `ray start` left on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     return "local"
 
 
