@@ -125,6 +125,8 @@ def _encode(cfg: SpeederConfig, items_uri: str, columns: list[str], known: np.nd
         items = storage.read_table(items_uri, columns=columns)
         if known is not None:
             items = drop_known(items, known)
+        if not items.num_rows:
+            return pa.table({})  # nothing to encode, as when the pipeline yields no batch
         ds = ray.data.from_arrow(in_blocks(items, fz.batch_size))
     else:
         fs, path = storage.resolve(items_uri)
