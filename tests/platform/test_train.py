@@ -36,7 +36,8 @@ def checkpoint_meta(uri: str, tmp_path: pathlib.Path) -> dict:
     return read_meta(local)
 
 
-def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
+def test_ddp_two_workers_trains_a_stage_and_a_rerun_with_more_stages_skips_it(ray_local, dataset, tmp_path,
+                                                                              caplog) -> None:
     cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=ddp")
     local_checkpoints = set(pathlib.Path(tempfile.gettempdir()).glob("speeder-ckpt-*"))
     summary = run_training(cfg)
@@ -60,6 +61,18 @@ def test_ddp_two_workers_trains_a_stage(ray_local, dataset, tmp_path) -> None:
     gate = next(g for g in bench.stages[1]["optimizer_groups"] if g["name"] == "vision_gate")
     assert gate["lr"] == cfg.trainer.lr * cfg.trainer.gate_lr_scale  # the trainer's gate lr, 30x by default
 
+    # The same spec run again with more stages skips the finished one and starts stage 3 from its weights
+    # (on one worker: a rerun may change the cluster shape). A driver killed mid-stage and started again
+    # resumes from the stage's checkpoint: the fault scenario train-driver-restarted kills a real `speeder train`.
+    caplog.set_level("INFO", logger="speeder.train")
+    more = config(tmp_path, dataset, "trainer.num_workers=1", "trainer.stages=[1,3]")
+    again = run_training(more)
+    assert "stage 1 (text) already finished" in caplog.text
+    assert again.stages[0] == summary.stages[0] and [s["stage"] for s in again.stages] == [1, 3]
+    stages = json.loads(pathlib.Path(run_uri(more), "stages.json").read_text())["stages"]
+    assert stages == again.stages and final_checkpoint(more) == again.checkpoint
+    assert checkpoint_meta(again.checkpoint, tmp_path)["stage"] == 3
+
 
 def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
     cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2")
@@ -67,16 +80,3 @@ def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
     meta = checkpoint_meta(summary.checkpoint, tmp_path)
     assert meta["strategy"] == "deepspeed"
     assert meta["train_state"]["step"] > 0
-
-
-def test_a_rerun_with_more_stages_skips_the_finished_ones(ray_local, dataset, tmp_path, caplog) -> None:
-    # A driver killed mid-stage and started again resumes from the stage's checkpoint: the fault scenario
-    # train-driver-restarted (tests/fault/test_train_faults.py) kills a real `speeder train` process.
-    first = run_training(config(tmp_path, dataset))
-    caplog.set_level("INFO", logger="speeder.train")
-    again = run_training(config(tmp_path, dataset, "trainer.stages=[1,3]"))
-    assert "stage 1 (text) already finished" in caplog.text
-    assert again.stages[0] == first.stages[0] and [s["stage"] for s in again.stages] == [1, 3]
-    stages = json.loads(pathlib.Path(run_uri(config(tmp_path, dataset)), "stages.json").read_text())["stages"]
-    assert stages == again.stages and final_checkpoint(config(tmp_path, dataset)) == again.checkpoint
-    assert checkpoint_meta(again.checkpoint, tmp_path)["stage"] == 3
