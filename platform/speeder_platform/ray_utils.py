@@ -80,6 +80,9 @@ def ensure_ray(cfg: SpeederConfig | None = None) -> str:
         return "cluster"
     num_cpus = cfg.ray.num_cpus if cfg is not None else None
     log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus or "all")
+    # One machine, no node to be preempted: Ray Train's preemption watcher (an actor, a process per fit that
+    # polls for node drains) has nothing to watch. Read by Ray Train's controller, which inherits this env.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (on loopback) serves the state API that Ray Train's placement-group cleaner polls;
     # without it the cleaner cannot work and floods the log with "Failed to query ... actor state".
     # address="local": always a new instance, never a cluster some `ray start` left on this machine.
