@@ -55,7 +55,7 @@ def _job_env_vars() -> set[str]:
 # An embedded local Ray runs one job's steps back to back. Ray kills an idle worker process 1 s after its last
 # task once there are more than CPUs, and the next task starts a new one, which imports torch again (~3-5 s of
 # CPU): the score step's write and metadata tasks each paid it. Idle task workers are kept for 10 minutes
-# (fault-bench scoring file: 434 -> 296 s of CPU, 263 -> 185 s of wall time on 2 cores).
+# (fault-bench scoring file: 434 -> 326 s of CPU, 263 -> 206 s of wall time on 2 cores).
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 

@@ -113,6 +113,12 @@ def test_bad_input_rows_are_counted_and_skipped(trained, ray_local) -> None:
     table = read_scores(out, "2026-02-01")
     assert table.column(schema.USER_ID).to_pylist() == [0, 6] and report.users_scored == 2
     check_top_k(table, {0: [1, 2, 3], 6: [n - 1]}, n)
+    # An input without a history column is refused before any scorer starts, naming what it has.
+    storage.write_table(pa.table({schema.USER_ID: pa.array([1, 2], pa.int64())}), f"{root}/no-history.parquet")
+    with pytest.raises(ValueError, match=f"no-history.parquet: missing column\\(s\\) {schema.HISTORY} "
+                                         f"\\(has {schema.USER_ID}\\)"):
+        run_score(score_config(root, f"score.input={root}/no-history.parquet", f"score.out={out}",
+                               "score.date=2026-02-02"))
 
 
 @pytest.mark.integration
