@@ -189,11 +189,7 @@ def _histories(cfg: SpeederConfig, env: dict[str, Any]) -> Any:
     else:
         fs, path = storage.resolve(cfg.score.input)
         ds = ray.data.read_parquet(path, filesystem=fs, runtime_env=env)
-        names = ds.schema().names
-        missing = [c for c in (schema.USER_ID, schema.HISTORY) if c not in names]
-        if missing:
-            raise ValueError(f"score.input {cfg.score.input}: missing column(s) {', '.join(missing)} "
-                             f"(has {', '.join(names)})")
+        require_columns(ds.schema().names, [schema.USER_ID, schema.HISTORY], f"score.input {cfg.score.input}")
         ds = ds.select_columns([schema.USER_ID, schema.HISTORY]).materialize()
         return ds.repartition(_num_blocks(ds.count(), cfg)).materialize()
     return ray.data.from_arrow(in_blocks(table, -(-table.num_rows // _num_blocks(table.num_rows, cfg))))

@@ -36,10 +36,12 @@ def features_uri(dataset: str, name: str) -> str:
     return storage.join(features_folder(dataset, name), schema.ITEMS_FILE)
 
 
-def require_columns(table: pa.Table, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in table.column_names]
+def require_columns(table: pa.Table | list[str], columns: list[str], what: str) -> None:
+    """ValueError naming the missing columns and those present; `table` or its column names."""
+    names = table.column_names if isinstance(table, pa.Table) else list(table)
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{what}: missing column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
+        raise ValueError(f"{what}: missing column(s) {', '.join(missing)} (has {', '.join(names)})")
 
 
 def samples_from_table(table: pa.Table, max_history: int, what: str = "split") -> Samples:
