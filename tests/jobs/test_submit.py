@@ -3,12 +3,15 @@ JobSubmissionClient) and through Ray's own CLI, `ray job submit ... -- jobs/smok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,10 +26,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory) -> Iterator[str]:
+def head() -> Iterator[str]:
     """A one-node Ray cluster started with Ray's CLI, its job server on a loopback port."""
     port, dashboard, agent, agent_grpc, runtime_env_agent, metrics, client = (free_port() for _ in range(7))
-    temp = tmp_path_factory.mktemp("rayhead")
+    # A short temp dir: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, which pytest's
+    # tmp_path under an xdist worker (/tmp/pytest-of-root/pytest-N/popen-gwK/...) already exceeds.
+    temp = pathlib.Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     # Token auth is off on both sides of this loopback test cluster (Ray 2.60 enables it by default).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -51,12 +56,14 @@ def head(tmp_path_factory) -> Iterator[str]:
                 time.sleep(1)
         yield address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # the head may have failed to start
+            os.killpg(proc.pid, signal.SIGTERM)
         try:  # a graceful stop takes Ray ~30 s; after 10 s the whole process group goes
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _submit(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
