@@ -60,7 +60,7 @@ setup:
 # Two test processes (pytest-xdist), each taking a whole test file at a time, so a module's fixtures (its
 # cluster, its trained workspace) are built once; each process shares one embedded Ray among its files.
 # The suite alone leaves a third of 2 cores idle (Ray starting and stopping, fault scenarios waiting):
-# two processes fill it (21.4 -> 15.3 min of pytest on the 2-core machine; README, Development).
+# two processes fill it (21.4 -> 18.4 min of pytest on the 2-core machine; README, Development).
 TEST_WORKERS ?= 2
 test: setup lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
