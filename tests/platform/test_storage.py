@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from speeder_platform import storage
+from speeder_platform.storage import folders
 
 
 def test_resolve_local_and_file_uris(tmp_path) -> None:
@@ -144,7 +145,7 @@ def test_s3_commit_never_deletes_a_concurrent_commits_files(s3_bucket: str, monk
             assert a_committed.wait(60)
         return out
 
-    monkeypatch.setattr(storage, "with_retries", paused)
+    monkeypatch.setattr(folders, "with_retries", paused)  # the name commit_dir calls
     b = threading.Thread(target=_commit, args=(final, 3), name="B")
     b.start()
     assert b_copying.wait(60)

@@ -24,6 +24,7 @@ from speeder import schema
 from speeder_platform import storage
 from speeder_platform.bench.faults.env import Workspace, alive_actors, kill_pid, outcome, wait_for
 from speeder_platform.score import read_scores, run_score
+from speeder_platform.storage import folders, objects
 
 log = logging.getLogger("speeder.bench")
 
@@ -180,12 +181,12 @@ class Outages:
             restarting.join()
 
     def __enter__(self) -> Outages:
-        storage.commit_dir = self._commit_during_outage  # staging_dir calls it by its module-level name
+        folders.commit_dir = self._commit_during_outage  # staging_dir calls it by its module-level name
         self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        storage.commit_dir = self._commit_dir
+        folders.commit_dir = self._commit_dir
         self._watcher.join(timeout=OUTAGE_S + 60)
         if not self.ws.s3.running:
             self.ws.s3.start()
@@ -237,11 +238,11 @@ class MeetAtCommit:
         self._commit_dir(staging_uri, final_uri)
 
     def __enter__(self) -> MeetAtCommit:
-        storage.commit_dir = self._commit  # staging_dir calls it by its module-level name
+        folders.commit_dir = self._commit  # staging_dir calls it by its module-level name
         return self
 
     def __exit__(self, *exc: object) -> None:
-        storage.commit_dir = self._commit_dir
+        folders.commit_dir = self._commit_dir
 
 
 def _twice_at_once(ws: Workspace, out: str, users: int) -> dict[str, Any]:
@@ -345,12 +346,12 @@ class DiskFull:
         raise self._full("fsync")
 
     def __enter__(self) -> DiskFull:
-        storage.open = self._open  # shadows the builtin inside storage only
+        objects.open = self._open  # shadows the builtin inside storage's file writes only
         os.fsync = self._fsync_full
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del storage.open
+        del objects.open
         os.fsync = self._fsync
 
 

@@ -1,4 +1,4 @@
-"""Object storage: one place that turns a URI into a pyarrow filesystem, and atomic writes.
+"""Single objects on any store: a URI turned into a pyarrow filesystem, retries, atomic whole-file writes.
 
 URIs are plain paths, `file://` paths or `s3://bucket/key`. S3 uses the standard AWS environment and
 credential chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance roles, AWS_REGION) and honours
@@ -6,17 +6,13 @@ AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores such as MinIO
 
 Writes never expose half a file: bytes go to a temporary name beside the target and are then
 committed (a rename on local disks, after an fsync, so a power cut cannot leave an empty file under the
-final name; on S3 a PUT is atomic, so the object appears whole). Folders that must appear all at once
-(a scoring partition) go through `commit_dir`, which also keeps two concurrent commits of the same
-folder (a retried nightly job) from corrupting it: the later one wins whole.
-
-Every operation on s3:// is retried with backoff (`with_retries`, on top of the S3 client's own
-retries): an endpoint that restarts for a few seconds costs a delay, not a failed job.
+final name; on S3 a PUT is atomic, so the object appears whole). Every operation on s3:// is retried
+with backoff (`with_retries`, on top of the S3 client's own retries): an endpoint that restarts for a
+few seconds costs a delay, not a failed job.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import logging
@@ -24,8 +20,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -36,13 +31,10 @@ import pyarrow.parquet as pq
 
 from speeder.durable import fsync_path
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+log = logging.getLogger("speeder_platform.storage")
 
-MANIFEST = "_manifest.json"  # lists the files of a committed folder on object stores
-# A run-* folder no manifest names is swept after this long: a commit copies its files in minutes, so an
-# older one is an attempt that crashed before its commit point, never one still copying beside ours.
-STALE_RUN_S = 24 * 3600
+
+T = TypeVar("T")
 
 
 class StorageError(OSError):
@@ -222,45 +214,12 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def _fsync_tree(path: str) -> None:
-    """fsync every file and folder under a local folder (files other processes wrote, e.g. Ray Data's)."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
-
-
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a parquet file (or a folder of parquet files) into one table."""
-    fs, path = resolve(uri)
-    info = _info(uri)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"not found: {uri}")
-    if info.type != pafs.FileType.Directory:
-        return _call(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns), "read")
-    for attempt in range(3):
-        try:  # each try lists the folder again: a commit may replace it between the listing and the reads
-            return _call(uri, lambda: _read_committed(uri, columns), "read")
-        except FileNotFoundError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _read_committed(uri: str, columns: list[str] | None) -> pa.Table:
-    fs, _ = resolve(uri)
-    tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in committed_files(uri)]
-    if not tables:
-        raise FileNotFoundError(f"no parquet files in {uri}")
-    return pa.concat_tables(tables)
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -273,121 +232,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 def write_table(table: pa.Table, uri: str) -> None:
     """Write a table as one parquet file, atomically."""
     write_bytes(uri, table_to_parquet_bytes(table))
-
-
-def committed_files(uri: str) -> list[str]:
-    """Paths (inside the filesystem) of the parquet files a folder holds.
-
-    A folder committed by `commit_dir` on an object store carries a manifest: only the files it
-    names are read, so a reader never mixes a previous run's files with a new one's.
-    """
-    _, path = resolve(uri)
-    if _info(join(uri, MANIFEST)).type == pafs.FileType.File:
-        names = read_json(join(uri, MANIFEST))["files"]
-        return [posixpath.join(path, n) for n in names]
-    # On an object store, run-* folders without a manifest are a first commit still copying: not data yet.
-    hidden = (".", "_", "run-") if is_s3(uri) else (".", "_")
-    return sorted(
-        i.path
-        for i in _files(uri)
-        if i.path.endswith(".parquet")
-        and not any(p.startswith(hidden) for p in posixpath.relpath(i.path, path).split("/"))
-    )
-
-
-@contextmanager
-def staging_dir(final_uri: str) -> Iterator[str]:
-    """Yield a fresh staging folder beside `final_uri`; on success commit it there (see commit_dir).
-
-    On an exception the staging folder is deleted and the previous contents of `final_uri` stay.
-    """
-    parent, name = posixpath.split(final_uri.rstrip("/")) if is_s3(final_uri) else os.path.split(
-        os.path.abspath(final_uri)
-    )
-    staging = join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-    makedirs(staging)
-    try:
-        yield staging
-        commit_dir(staging, final_uri)
-    finally:
-        if exists(staging):
-            remove(staging)
-
-
-def commit_dir(staging_uri: str, final_uri: str) -> None:
-    """Make the files of `staging_uri` the contents of `final_uri`, replacing what was there.
-
-    Local disks: the staged files are fsynced, then two renames (old folder aside, staging in place)
-    under an exclusive lock on the parent folder, so readers see the old folder or the new one, never a
-    mix, and two commits of the same folder at once (a retried nightly job) run one after the other:
-    the later one wins whole, neither fails on the other's half-done renames.
-
-    Object stores cannot rename folders: the files are copied under a fresh run prefix, then a manifest
-    naming exactly those files is written in one PUT (the commit point). After it, only the files the
-    replaced manifest named are deleted, never another run's: a concurrent commit of the same partition
-    may still be copying its own, and deleting them would leave its manifest naming missing files. The
-    last manifest written wins, and its files are never deleted by the other commit (it read the manifest
-    it replaces before its own PUT, so that manifest is older than the winner's). Runs that never
-    committed (a crash mid-copy) are swept once older than STALE_RUN_S. Readers go through
-    `committed_files`.
-    """
-    if not is_s3(final_uri):
-        _commit_local(os.path.abspath(staging_uri), os.path.abspath(final_uri))
-        return
-    fs, staging = resolve(staging_uri)
-    _, final = resolve(final_uri)
-    run = f"run-{int(time.time())}-{uuid.uuid4().hex[:12]}"  # its start time: see STALE_RUN_S
-    infos = _files(staging_uri)
-    names = []
-    for info in sorted(infos, key=lambda i: i.path):
-        rel = posixpath.relpath(info.path, staging)
-        name = f"{run}/{rel}"
-        with_retries(lambda: fs.copy_file(info.path, posixpath.join(final, name)), f"copy {rel}")  # noqa: B023
-        names.append(name)
-    replaced = _manifest_runs(final_uri)  # read before our PUT: see the docstring
-    write_json(join(final_uri, MANIFEST), {"files": names, "run": run, "committed_at": time.time()})
-    for child in listdir(final_uri):
-        stale = child.startswith("run-") and child != run and _run_age_s(child) > STALE_RUN_S
-        if child in replaced or stale:
-            with_retries(lambda: remove(join(final_uri, child)), f"delete old {child}")  # noqa: B023
-
-
-def _manifest_runs(final_uri: str) -> set[str]:
-    """The run folders the committed manifest of `final_uri` names (empty when there is none)."""
-    try:
-        files = read_json(join(final_uri, MANIFEST))["files"]
-    except FileNotFoundError:
-        return set()
-    return {name.split("/", 1)[0] for name in files}
-
-
-def _run_age_s(run: str) -> float:
-    """Seconds since a run-<unix time>-<id> folder's commit started (infinite for a name without one)."""
-    try:
-        return time.time() - int(run.split("-")[1])
-    except (IndexError, ValueError):
-        return float("inf")
-
-
-def _commit_local(staging: str, final: str) -> None:
-    """commit_dir on a local disk (see there)."""
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    _fsync_tree(staging)  # every staged byte on disk before the partition's name points at it
-    trash = f"{parent}/.{os.path.basename(final)}.old-{uuid.uuid4().hex[:12]}"
-    lock = os.open(parent, os.O_RDONLY)  # flock on the folder itself: no lock file beside the outputs
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            os.replace(final, trash)
-        except FileNotFoundError:
-            trash = ""  # a first commit
-        os.replace(staging, final)
-        fsync_path(parent)
-    finally:
-        os.close(lock)  # releases the flock
-    if trash:
-        remove(trash)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
