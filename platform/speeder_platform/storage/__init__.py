@@ -17,7 +17,6 @@ from speeder_platform.storage.folders import (
     staging_dir,
 )
 from speeder_platform.storage.objects import (
-    StorageError,
     download_dir,
     exists,
     is_dir,
@@ -40,7 +39,7 @@ from speeder_platform.storage.objects import (
 )
 
 __all__ = [
-    "MANIFEST", "STALE_RUN_S", "StorageError", "commit_dir", "committed_files", "download_dir", "exists", "is_dir",
+    "MANIFEST", "STALE_RUN_S", "commit_dir", "committed_files", "download_dir", "exists", "is_dir",
     "is_s3", "join", "listdir", "makedirs", "read_bytes", "read_json", "read_table", "remove", "resolve",
     "s3_filesystem", "size", "staging_dir", "table_to_parquet_bytes", "uri_of", "with_retries", "write_bytes",
     "write_json", "write_table",

@@ -32,13 +32,7 @@ import pyarrow.parquet as pq
 from speeder.durable import fsync_path
 
 log = logging.getLogger("speeder_platform.storage")
-
-
 T = TypeVar("T")
-
-
-class StorageError(OSError):
-    """A storage operation failed after its retries; the message names the URI."""
 
 
 def is_s3(uri: str) -> bool:
