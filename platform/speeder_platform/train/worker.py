@@ -252,6 +252,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_from_config(cfg.model, features.dims(), seed=t.seed,
                               features_dir=features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
     groups = stage_groups(model, stage, t)
+    # Described before the engine takes them: DeepSpeed ZeRO replaces each group's parameters with this
+    # rank's flat partition, which would record a shard's size instead of the model's.
+    optimizer_groups = describe_groups(groups)
     # Dropout draws from the global generator (build_from_config seeds only its own fork): seeded by
     # (seed, stage, rank), so a run is repeatable and the same on any cluster shape.
     torch.manual_seed(t.seed * 1_000_003 + stage.index * 1_009 + rank)
@@ -273,7 +276,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meta_base = {"stage": stage.index, "stage_name": stage.name, "modalities": active,
                  "config": redact(to_dict(cfg)), "feature_dims": features.dims(), "backbone": cfg.model.backbone,
                  "strategy": strategy, "worker_nodes": nodes, "features": checkpoint_record(features_set),
-                 "optimizer_groups": describe_groups(groups)}
+                 "optimizer_groups": optimizer_groups}
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         meta = {**meta_base, "step": state["step"], "epoch": state["epoch"], "train_state": dict(state),
