@@ -36,9 +36,11 @@ def checkpoint_meta(uri: str, tmp_path: pathlib.Path) -> dict:
     return read_meta(local)
 
 
-def test_ddp_two_workers_trains_a_stage_and_a_rerun_with_more_stages_skips_it(ray_local, dataset, tmp_path,
-                                                                              caplog) -> None:
-    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=ddp")
+def test_deepspeed_zero2_trains_a_stage_and_a_ddp_rerun_with_more_stages_skips_it(ray_local, dataset, tmp_path,
+                                                                                 caplog) -> None:
+    # Two workers with DeepSpeed ZeRO-2 (gloo): the GPU strategy's code path, on CPU. Two DDP workers
+    # train in tests/platform/test_multinode.py (on one node and across two).
+    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2")
     local_checkpoints = set(pathlib.Path(tempfile.gettempdir()).glob("speeder-ckpt-*"))
     summary = run_training(cfg)
     # Each epoch's checkpoint is written to a local folder, copied to storage, and the local folder removed.
@@ -47,7 +49,8 @@ def test_ddp_two_workers_trains_a_stage_and_a_rerun_with_more_stages_skips_it(ra
     assert 0.0 <= summary.stages[0]["metrics"]["valid_hr1"] <= 1.0
     assert final_checkpoint(cfg) == summary.checkpoint
     meta = checkpoint_meta(summary.checkpoint, tmp_path)
-    assert meta["strategy"] == "ddp" and meta["stage"] == 1 and meta["modalities"] == ["text"]
+    assert meta["strategy"] == "deepspeed" and meta["stage"] == 1 and meta["modalities"] == ["text"]
+    assert meta["train_state"]["step"] > 0
     trained = load_trained(summary.checkpoint)
     assert trained.model.settings.max_history == 8
     # One recipe: the quality bench, given the same config, builds exactly the trainer's optimizer groups.
@@ -62,10 +65,11 @@ def test_ddp_two_workers_trains_a_stage_and_a_rerun_with_more_stages_skips_it(ra
     assert gate["lr"] == cfg.trainer.lr * cfg.trainer.gate_lr_scale  # the trainer's gate lr, 30x by default
 
     # The same spec run again with more stages skips the finished one and starts stage 3 from its weights
-    # (on one worker: a rerun may change the cluster shape). A driver killed mid-stage and started again
-    # resumes from the stage's checkpoint: the fault scenario train-driver-restarted kills a real `speeder train`.
+    # (on one DDP worker: a rerun may change the cluster shape and the strategy). A driver killed mid-stage
+    # and started again resumes from the stage's checkpoint: the fault scenario train-driver-restarted kills
+    # a real `speeder train`.
     caplog.set_level("INFO", logger="speeder.train")
-    more = config(tmp_path, dataset, "trainer.num_workers=1", "trainer.stages=[1,3]")
+    more = config(tmp_path, dataset, "trainer.num_workers=1", "trainer.strategy=ddp", "trainer.stages=[1,3]")
     again = run_training(more)
     assert "stage 1 (text) already finished" in caplog.text
     assert again.stages[0] == summary.stages[0] and [s["stage"] for s in again.stages] == [1, 3]
@@ -73,10 +77,3 @@ def test_ddp_two_workers_trains_a_stage_and_a_rerun_with_more_stages_skips_it(ra
     assert stages == again.stages and final_checkpoint(more) == again.checkpoint
     assert checkpoint_meta(again.checkpoint, tmp_path)["stage"] == 3
 
-
-def test_deepspeed_zero2_runs_on_cpu(ray_local, dataset, tmp_path) -> None:
-    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2")
-    summary = run_training(cfg)
-    meta = checkpoint_meta(summary.checkpoint, tmp_path)
-    assert meta["strategy"] == "deepspeed"
-    assert meta["train_state"]["step"] > 0
