@@ -117,6 +117,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out),
                  "--set", "trainer.max_train_samples=24", "--set", "trainer.batch_size=8",  # 3 steps per stage
+                 "--set", "trainer.loss_pool=sampled",  # so the "catalog softmax" row is another model
                  "--llara-steps", "1", "--llara-eval-users", "4", "--valid-users", "8"]) == 0
     results = json.loads((out / "results.json").read_text())
     ds = results["datasets"]["synthetic"]
@@ -125,6 +126,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     assert ds["spec"] == "jobs/synthetic.yaml" and ds["recipe"]["trainer"]["batch_size"] == 8
     trained = {name for name, row in ds["models"].items() if "same_as" not in row}
     assert {"Speeder", "paper's model (no levers)", "no dense loss", "no PPT", "text only"} <= trained
+    assert "catalog softmax" in trained  # a trainer setting makes another model too
     speeder_hr1 = ds["models"]["Speeder"]["metrics"]["cand_hr@1"]
     for name in trained - {"Speeder", "LLaRA-style"}:  # every row paired with the full model, user by user
         row = ds["models"][name]

@@ -120,10 +120,11 @@ def speeder_ranks(trained: TrainedSpeeder, samples: Samples, features: Any) -> d
 
 
 def _effective(cfg: SpeederConfig, data: BenchData) -> str:
-    """What makes two variants the same model on this catalog: the stages they run and every model setting,
-    with modalities the catalog lacks left out."""
+    """What makes two variants the same model on this catalog: the stages they run, every model setting (with
+    modalities the catalog lacks left out) and every trainer setting (the loss pool is one)."""
     model = {**to_dict(cfg.model), "modalities": sorted(set(cfg.model.modalities) & data.available)}
-    return json.dumps({"plan": [s.index for s in plan_for(cfg.model, data.features)], "model": model}, sort_keys=True)
+    return json.dumps({"plan": [s.index for s in plan_for(cfg.model, data.features)], "model": model,
+                       "trainer": to_dict(cfg.trainer)}, sort_keys=True)
 
 
 def run_variants(data: BenchData, spec: str, base: list[str], names: list[str], budget: Budget,
