@@ -42,17 +42,12 @@ def _cli(*args: str, timeout: int) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def _objects_holding(root: str, markers: list[str]) -> list[str]:
-    """Every file under a storage URI (local or s3://) that holds one of the markers."""
-    from pyarrow import fs as pafs
-
-    filesystem, path = storage.resolve(root)
+def _files_holding(root: pathlib.Path, markers: list[str]) -> list[str]:
     hits = []
-    for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
-        if info.type == pafs.FileType.File:
-            with filesystem.open_input_stream(info.path) as f:
-                data = f.read()
-            hits += [f"{info.path}: {m}" for m in markers if m.encode() in data]
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            hits += [f"{path}: {m}" for m in markers if m.encode() in data]
     return hits
 
 
@@ -67,14 +62,16 @@ def _ray_state_text() -> str:
     return json.dumps(found, default=str)
 
 
-def test_smoke_job_runs_end_to_end_on_s3_and_leaves_no_secret(ray_local, s3_bucket, monkeypatch, caplog,
-                                                              capfd) -> None:
+def test_smoke_job_runs_end_to_end_on_s3_and_leaves_no_secret(ray_local, s3_bucket, tmp_path, monkeypatch,
+                                                              caplog, capfd) -> None:
     import ray
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)  # the loopback server takes any key
     caplog.set_level(logging.INFO)
     root = f"{s3_bucket}/smoke"
-    assert to_dict(load_config(SPEC, SMALL))["runtime_env"]["env_vars"]["MY_SERVICE_TOKEN"] == SPEC_SECRET
+    cfg = load_config(SPEC, [f"output_root={root}", *SMALL])
+    assert cfg.data.uri.startswith("s3://") and cfg.trainer.storage_path.startswith("s3://")
+    assert to_dict(cfg)["runtime_env"]["env_vars"]["MY_SERVICE_TOKEN"] == SPEC_SECRET
 
     assert speeder(["job", SPEC, f"output_root={root}", *SMALL]) == 0
     printed = capfd.readouterr()
@@ -94,7 +91,7 @@ def test_smoke_job_runs_end_to_end_on_s3_and_leaves_no_secret(ray_local, s3_buck
     # The checkpoint keeps its config without the token's value, and the features it was trained on.
     meta = storage.read_json(f"{train['checkpoint']}/meta.json")
     assert meta["config"]["runtime_env"]["env_vars"]["MY_SERVICE_TOKEN"] == REDACTED
-    fingerprint = committed_features(f"{root}/data", "default").fingerprint
+    fingerprint = committed_features(cfg.data.uri, "default").fingerprint
     assert fingerprint is not None and meta["features"]["fingerprint"] == fingerprint
 
     # The report of the finished job (as `make demo` writes it), from a CLI process of its own.
@@ -119,11 +116,11 @@ def test_smoke_job_runs_end_to_end_on_s3_and_leaves_no_secret(ray_local, s3_buck
 
     # No secret anywhere: outputs, logs (driver and forwarded worker logs), Ray's session logs and state.
     markers = [ENV_SECRET, SPEC_SECRET]
-    assert _objects_holding(root, markers) == []
+    assert _files_holding(pathlib.Path(storage.download_dir(root, str(tmp_path / "outputs"))), markers) == []
     rerun = capfd.readouterr()
     logged = "\n".join(r.getMessage() for r in caplog.records) + printed.out + printed.err + rerun.out + rerun.err
     assert [m for m in markers if m in logged + report.stdout + report.stderr] == []
     session_logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    assert _objects_holding(str(session_logs), markers) == []
+    assert _files_holding(session_logs, markers) == []
     assert [m for m in markers if m in _ray_state_text()] == []
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == ENV_SECRET  # the run itself still had its credentials
