@@ -7,15 +7,17 @@ an incremental run, the fingerprint of the set it extends). Featurize commits a 
 fingerprint and the size and SHA-256 of the table's bytes.
 
 `committed_features` checks the table against meta.json before anything uses it: a crash between the
-two writes (new table, old meta.json), a file cut short by a copy, or bytes rotted on disk are refused
-with a one-line error, never read as features. A checkpoint records the fingerprint it was trained on
-(`checkpoint_record`), and loading it against other features (`check_checkpoint`) is a one-line error
-naming both, even when the dimensions agree and the model would otherwise load and rank items it
-never learnt. An incremental run extends a set (new items, old rows untouched), so a checkpoint of any
-set in its `lineage` still belongs to it.
+two writes (new table, old meta.json; or a first run's table and no meta.json yet), a file cut short by a
+copy, or bytes rotted on disk are refused with a one-line error, never read as features. A checkpoint
+records the fingerprint it was trained on (`checkpoint_record`), and loading it against other features
+(`check_checkpoint`) is a one-line error naming both, even when the dimensions agree and the model would
+otherwise load and rank items it never learnt. An incremental run extends a set (new items, old rows
+untouched), so a checkpoint of any set in its `lineage` still belongs to it.
 
-Sets written before fingerprints existed carry none, and neither does a checkpoint trained on one:
-nothing can be compared for them (the dimension check in trained.load_trained still applies).
+A set without a fingerprint (no meta.json, or one written before fingerprints existed) cannot be told
+apart from a half-committed one, so it is refused too: `speeder featurize --force` commits it again.
+Checkpoints written before fingerprints record none: nothing can be compared for them (the dimension
+check in trained.load_trained still applies).
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ def commit(table: pa.Table, folder: str, meta: dict[str, Any], fp: str) -> None:
 
 @dataclass
 class FeaturesSet:
-    """A committed features set: where it is, its fingerprint (None: written without one), the
-    fingerprints of the sets it extends, and its encoder settings."""
+    """A committed features set: where it is, its fingerprint, the fingerprints of the sets it extends,
+    and its encoder settings."""
 
     uri: str
-    fingerprint: str | None
+    fingerprint: str
     lineage: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -76,16 +78,19 @@ def committed_features(dataset: str, name: str) -> FeaturesSet:
     """The features set `features/<name>` of a dataset, its table checked against its meta.json.
 
     Raises FileNotFoundError when there is none, FeaturesError (one line) when the table is not the one
-    meta.json committed. A set without a fingerprint (written before them) is returned unchecked.
+    meta.json committed, or nothing committed it: no meta.json (a first featurize stopped between its two
+    writes) or one without a fingerprint (written before them).
     """
     folder = features_folder(dataset, name)
     table_uri, meta_uri = storage.join(folder, schema.ITEMS_FILE), storage.join(folder, schema.META_FILE)
     if not storage.exists(table_uri):
         raise FileNotFoundError(f"no item features at {table_uri}: run `speeder featurize` first")
-    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
-    fp = meta.get(META_KEY)
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else None
+    fp = meta.get(META_KEY) if isinstance(meta, dict) else None
     if fp is None:
-        return FeaturesSet(folder, None, settings=dict(meta.get("settings", {})))
+        why = "no meta.json beside it" if meta is None else "its meta.json names no fingerprint"
+        raise FeaturesError(f"features {table_uri} were never committed ({why}): a featurize run stopped before "
+                            "its commit, or a set from before fingerprints; run `speeder featurize --force`")
     committed, found = meta.get(TABLE_KEY) or {}, _digest(storage.read_bytes(table_uri))
     if committed != found:
         raise FeaturesError(f"features {table_uri} are not the table meta.json committed ({_show(found)}, not "
@@ -102,13 +107,13 @@ def checkpoint_record(features: FeaturesSet) -> dict[str, Any]:
 def check_checkpoint(meta: dict[str, Any], features: FeaturesSet, checkpoint: str) -> None:
     """Refuse (FeaturesError, one line naming both fingerprints) features a checkpoint was not trained on."""
     trained = (meta.get("features") or {}).get("fingerprint")
-    if trained is None:  # trained on features without a fingerprint: nothing to compare
+    if trained is None:  # a checkpoint from before fingerprints: nothing to compare
         return
     if trained == features.fingerprint or trained in features.lineage:
         return
     settings = (meta.get("features") or {}).get("settings")
     why = ("they were made with other encoder settings" if settings != features.settings
            else "they were made from other dataset files")
-    held = f"features {features.fingerprint}" if features.fingerprint else "features without a fingerprint"
     raise FeaturesError(f"checkpoint {checkpoint} was trained on features {trained}, but {features.uri} holds "
-                        f"{held}: {why}; use the features it was trained on, or train again")
+                        f"features {features.fingerprint}: {why}; use the features it was trained on, or train "
+                        "again")

@@ -74,13 +74,50 @@ def test_a_table_that_is_not_the_committed_one_is_refused(tmp_path, damage: str)
         lineage.committed_features(data, "default")
 
 
-def test_features_without_a_fingerprint_are_returned_unchecked(tmp_path) -> None:
+def uncommit(data: str, state: str) -> None:
+    """Leave the committed set of `data` as a features folder that nothing committed."""
+    meta_uri = os.path.join(features_folder(data, "default"), "meta.json")
+    if state == "no meta.json":  # a first featurize killed between the table and its meta.json
+        os.remove(meta_uri)
+    else:  # a set written before fingerprints: meta.json with settings, no fingerprint, no table digest
+        meta = storage.read_json(meta_uri)
+        storage.write_json(meta_uri, {k: v for k, v in meta.items() if k not in (lineage.META_KEY, lineage.TABLE_KEY)})
+
+
+@pytest.mark.parametrize("state", ["no meta.json", "meta.json without a fingerprint"])
+def test_features_that_nothing_committed_are_refused(tmp_path, state: str) -> None:
     data = prepare_synthetic(str(tmp_path / "data"))
-    write_random_features(data)  # no meta.json: written before fingerprints
-    found = lineage.committed_features(data, "default")
-    assert found.fingerprint is None
-    lineage.check_checkpoint({"features": {"fingerprint": None}}, found, "ckpt")  # nothing to compare: passes
-    lineage.check_checkpoint({}, found, "ckpt")
+    commit_random(data)
+    uncommit(data, state)
+    with pytest.raises(lineage.FeaturesError) as err:
+        lineage.committed_features(data, "default")
+    text = str(err.value)
+    assert "\n" not in text and "never committed" in text and "speeder featurize --force" in text, text
+    assert ("no meta.json" if state == "no meta.json" else "names no fingerprint") in text
+
+
+@pytest.mark.parametrize("state", ["no meta.json", "meta.json without a fingerprint"])
+def test_featurize_makes_an_uncommitted_set_again(tmp_path, monkeypatch, state: str) -> None:
+    from speeder_platform.featurize import pipeline
+
+    data = prepare_synthetic(str(tmp_path / "data"))
+    cfg = tiny_config(str(tmp_path), f"data.uri={data}")
+    table = storage.read_table(write_random_features(data))
+    settings, digest = pipeline.encoder_settings(cfg), pipeline.dataset_fingerprint(data)
+    meta = {"settings": settings, "fingerprint": digest, "counts": {"items": table.num_rows}, "dims": {}}
+    lineage.commit(table, features_folder(data, "default"), meta, lineage.fingerprint(digest, settings))
+
+    class Featurizing(Exception):
+        """Raised where featurize starts Ray: it decided to make the set again."""
+
+    def start_ray(_cfg) -> None:
+        raise Featurizing
+
+    monkeypatch.setattr("speeder_platform.ray_utils.ensure_ray", start_ray)
+    assert pipeline.run_featurize(cfg).mode == "up_to_date"  # committed, same settings and files: skipped
+    uncommit(data, state)
+    with pytest.raises(Featurizing):  # neither skipped as up to date nor refused: featurized again
+        pipeline.run_featurize(cfg)
 
 
 def test_check_names_both_fingerprints_and_why() -> None:
@@ -95,9 +132,9 @@ def test_check_names_both_fingerprints_and_why() -> None:
     with pytest.raises(lineage.FeaturesError, match="other dataset files"):
         lineage.check_checkpoint({"features": {"fingerprint": "abc9", "settings": {"text_encoder": "minilm"}}},
                                  features, "ckpt")
-    unmarked = lineage.FeaturesSet("data/features/default", None)  # made by an older featurize
-    with pytest.raises(lineage.FeaturesError, match="holds features without a fingerprint"):
-        lineage.check_checkpoint({"features": {"fingerprint": "abc9"}}, unmarked, "ckpt")
+    # A checkpoint from before fingerprints records none: nothing to compare (the dimension check remains).
+    lineage.check_checkpoint({"features": {"fingerprint": None}}, features, "ckpt")
+    lineage.check_checkpoint({}, features, "ckpt")
 
 
 def test_scoring_and_serving_refuse_features_the_checkpoint_was_not_trained_on(trained, tmp_path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 
 from speeder import schema
-from speeder_platform import storage
+from speeder_platform import lineage, storage
 from speeder_platform.config import load_config
 from speeder_platform.data.prepare import prepare_dataset
 from speeder_platform.tables import features_uri
@@ -48,9 +50,13 @@ def write_random_features(dataset: str, name: str = "default", dims: tuple[int, 
         schema.IMAGE_EMB: column(rng.standard_normal((n, dims[1])).astype(np.float32), rng.random(n) < image_rate),
         schema.SEQ_EMB: column(sasrec.item_embeddings().detach().numpy(), np.ones(n, bool)),
     })
-    uri = features_uri(dataset, name)
-    storage.write_table(table, uri)
-    return uri
+    # Committed as featurize commits a set (the table, then meta.json naming its fingerprint): lineage refuses
+    # a features table that nothing committed.
+    settings = {"text_encoder": "random", "dims": list(dims), "image_rate": image_rate, "seed": seed}
+    items_digest = hashlib.sha256(storage.read_bytes(storage.join(dataset, schema.ITEMS_FILE))).hexdigest()
+    inputs = {schema.ITEMS_FILE: items_digest}
+    lineage.commit(table, features_folder(dataset, name), {"settings": settings}, lineage.fingerprint(inputs, settings))
+    return features_uri(dataset, name)
 
 
 def tiny_config(output_root: str, *overrides: str):

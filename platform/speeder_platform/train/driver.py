@@ -6,6 +6,8 @@ One `TorchTrainer` per stage (`<run_name>-stage<k>` under `trainer.storage_path`
 A stage that finished is recorded in `<storage>/<run_name>/stages.json`, so a driver restarted with
 the same spec skips finished stages and Ray Train resumes the unfinished one from its latest
 checkpoint. `final.json` names the checkpoint that evaluation, scoring and serving use by default.
+The next stage starts from the last finished one's weights only if it was trained on the same features
+with the same backbone (checked here, once, before any worker starts; the workers check again).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from speeder.checkpoint import META_FILE
 from speeder.mpo import plan_stages
 from speeder_platform import storage
 from speeder_platform.config import SpeederConfig, to_dict
 from speeder_platform.lineage import committed_features
 from speeder_platform.ray_utils import ensure_ray
 from speeder_platform.tables import available_modalities, is_small, load_item_features, split_uri
-from speeder_platform.train.worker import METRIC, train_loop_per_worker
+from speeder_platform.train.worker import METRIC, check_restorable, train_loop_per_worker
 from speeder_platform.trained import FINAL_FILE, STAGES_FILE, run_uri
 
 log = logging.getLogger("speeder.train")
@@ -115,7 +118,7 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
     ensure_ray(cfg)
     t = cfg.trainer
     # Refuse broken or half-committed features here, once, before any worker starts (and retries).
-    committed_features(cfg.data.uri, cfg.featurize.name)
+    features_set = committed_features(cfg.data.uri, cfg.featurize.name)
     features = load_item_features(cfg.data.uri, cfg.featurize.name)
     available = available_modalities(features) & set(cfg.model.modalities)
     plan = plan_stages(list(t.stages), available, cfg.model.use_mpo)
@@ -131,6 +134,9 @@ def run_training(cfg: SpeederConfig) -> TrainSummary:
              [s.index for s in plan], t.num_workers, cpus, " + 1 GPU" if t.use_gpu else "", t.epochs)
     fs, storage_path = storage.resolve(t.storage_path)
     init = done[-1]["checkpoint"] if done else None
+    if init and any(stage.index not in done_index for stage in plan):
+        # A rerun whose spec changed the features or the backbone: refused in one line, before any worker.
+        check_restorable(storage.read_json(storage.join(init, META_FILE)), cfg, features_set, init)
     for stage in plan:
         if stage.index in done_index:
             log.info("stage %d (%s) already finished in %s; skipping", stage.index, stage.name, root)

@@ -6,6 +6,10 @@ shard of the train dataset. Every epoch ends with validation HR@1 on the 20-cand
 (sharded over workers, summed with all-reduce so every rank takes the same early-stopping decision)
 and a checkpoint. A checkpoint's meta.json carries the loop state (epoch, step, best, patience), so
 a restarted worker group continues where the failed one stopped.
+
+A checkpoint is restored (resumed, or a previous stage's weights taken) only when it belongs to this run:
+trained on the same features (lineage.check_checkpoint) and with the same backbone (`check_backbone`:
+name, truncation, LoRA shape and scale). Both are checked before any weight is loaded (`check_restorable`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speeder.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from speeder.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from speeder.loop import (
     NegativeCache,
     Samples,
@@ -34,7 +38,7 @@ from speeder.mpo import ALL_AT_ONCE, STAGES, Stage
 from speeder.prompt import pad_histories
 from speeder_platform import storage
 from speeder_platform.config import from_dict, to_dict
-from speeder_platform.lineage import check_checkpoint, checkpoint_record, committed_features
+from speeder_platform.lineage import FeaturesSet, check_checkpoint, checkpoint_record, committed_features
 from speeder_platform.modeling import build_from_config, describe_groups, sequence_encoder_from, stage_groups
 from speeder_platform.redact import redact
 from speeder_platform.tables import available_modalities, features_folder, load_item_features, load_samples
@@ -42,6 +46,10 @@ from speeder_platform.tables import available_modalities, features_folder, load_
 log = logging.getLogger("speeder.train")
 
 METRIC = "valid_hr1"  # checkpoint selection and early stopping
+# The model settings a checkpoint's weights only mean something with (config.model paths): the pretrained
+# backbone its LoRA deltas were learnt on, how many of its layers were kept, and the LoRA adapters' shape,
+# scale and placement. Trainer settings (workers, strategy, stages) may change between runs.
+BACKBONE_KEYS = ("backbone", "num_layers", "lora.r", "lora.alpha", "lora.target_modules")
 
 
 def stage_from_index(index: int, use_mpo: bool) -> Stage:
@@ -167,11 +175,63 @@ def _save(model, optimizer, meta: dict[str, Any], strategy: str) -> str:
     return directory
 
 
+def backbone_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The BACKBONE_KEYS of a `config.model` mapping (as to_dict writes it), by dotted path."""
+    out = {}
+    for key in BACKBONE_KEYS:
+        value: Any = model
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
+    return out
+
+
+def check_backbone(meta: dict[str, Any], cfg, checkpoint: str) -> None:
+    """Refuse (CheckpointError, one line naming both) a checkpoint trained with other backbone settings
+    (BACKBONE_KEYS) than `cfg`: its LoRA weights would load, or fail with a shape error, into another model."""
+    recorded_model = (meta.get("config") or {}).get("model")
+    if not isinstance(recorded_model, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} records no model config (config.model in meta.json), so "
+                              "its backbone is unknown; start the stage without it (a new trainer.run_name)")
+    # Compared as the checkpoint records its config: redacted (a secret in a backbone path would differ).
+    recorded, current = backbone_settings(recorded_model), backbone_settings(redact(to_dict(cfg))["model"])
+    differ = [key for key in BACKBONE_KEYS if recorded[key] != current[key]]
+    if differ:
+        def show(values: dict[str, Any]) -> str:
+            return ", ".join(f"model.{key}={values[key]!r}" for key in differ)
+
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with {show(recorded)}, but this run's config "
+                              f"has {show(current)}; set them back, or train from scratch under a new "
+                              "trainer.run_name")
+
+
+def check_restorable(meta: dict[str, Any], cfg, features_set: FeaturesSet, checkpoint: str) -> None:
+    """A checkpoint this stage may resume from or start with: trained on these features (FeaturesError)
+    and with this backbone (CheckpointError); both one-line errors naming the checkpoint's and the run's."""
+    check_checkpoint(meta, features_set, checkpoint)  # features re-made since it was saved: refused
+    check_backbone(meta, cfg, checkpoint)
+
+
+def _load_resume(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, cfg,
+                 features_set: FeaturesSet, checkpoint: str) -> dict[str, Any]:
+    """Load this stage's own checkpoint (a local folder) into the model (and optimizer), checked first."""
+    check_restorable(read_meta(directory), cfg, features_set, checkpoint)
+    return load_checkpoint(directory, model, optimizer)
+
+
+def _load_init(checkpoint: str, model: torch.nn.Module, cfg, features_set: FeaturesSet) -> None:
+    """Load the previous stage's weights (a checkpoint URI) into the model, checked first."""
+    with tempfile.TemporaryDirectory() as d:
+        storage.download_dir(checkpoint, d)
+        check_restorable(read_meta(d), cfg, features_set, checkpoint)
+        load_checkpoint(d, model)
+
+
 def _restore(model: torch.nn.Module, groups: list[dict], strategy: str, cfg, device: torch.device, stage: Stage,
-             state: dict[str, Any], features_set, loop_config: dict[str, Any], rank: int) -> _Engine:
+             state: dict[str, Any], features_set: FeaturesSet, loop_config: dict[str, Any], rank: int) -> _Engine:
     """Restores the model (and, with DDP, the optimizer) and returns the engine: this stage's own latest
-    checkpoint after a failure (state updated from it, resumes counted), else the previous stage's weights
-    (only if trained on the same features), else the model as built."""
+    checkpoint after a failure (state updated from it, resumes counted), else the previous stage's weights,
+    else the model as built. Either checkpoint only if trained on these features with this backbone."""
     import ray.train
 
     resume = ray.train.get_checkpoint()
@@ -180,19 +240,15 @@ def _restore(model: torch.nn.Module, groups: list[dict], strategy: str, cfg, dev
         engine = _Engine(model, groups, strategy, cfg, device)
     if resume is not None:
         with resume.as_directory() as d:
-            meta = load_checkpoint(d, model, engine.optimizer if engine is not None else None)
-        check_checkpoint(meta, features_set, resume.path)  # features re-made since it was saved: refused
+            meta = _load_resume(d, model, engine.optimizer if engine is not None else None, cfg, features_set,
+                                resume.path)
         state.update(meta["train_state"])
         state["resumes"] += 1
         if rank == 0:
             log.info("stage %d resumes from its checkpoint at epoch %d step %d", stage.index, state["epoch"],
                      state["step"])
     elif loop_config.get("init_checkpoint"):
-        with tempfile.TemporaryDirectory() as d:
-            storage.download_dir(loop_config["init_checkpoint"], d)
-            # The previous stage's weights only if trained on these features (re-featurized between runs: no).
-            check_checkpoint(read_meta(d), features_set, loop_config["init_checkpoint"])
-            load_checkpoint(d, model)
+        _load_init(loop_config["init_checkpoint"], model, cfg, features_set)
         if rank == 0:
             log.info("stage %d starts from %s", stage.index, loop_config["init_checkpoint"])
     return engine if engine is not None else _Engine(model, groups, strategy, cfg, device)
