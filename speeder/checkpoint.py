@@ -10,8 +10,10 @@ Nothing is pickled: loading a checkpoint cannot execute code, and a file that is
 
 Crash safety: `meta.json` is removed first and written last, so a folder without it is an incomplete
 checkpoint and is refused, also when a crash interrupts overwriting an older checkpoint. Every file is
-written under a temporary name and renamed into place, and meta.json records the size and SHA-256 of
-each weights file: a file cut short, swapped or from another save does not load.
+written under a temporary name, fsynced and renamed into place, and meta.json records the size and
+SHA-256 of each weights file: a file cut short, swapped or from another save does not load. The folder
+is fsynced after the weights' renames (before meta.json names them) and after meta.json's, so a power
+cut cannot keep the commit point while losing the files it names.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, meta: dict[s
         tensors, scalars = _flatten_optimizer(optimizer.state_dict())
         files[OPTIM_FILE] = _save_tensors(tensors, d / OPTIM_FILE)
         _write_json(d / OPTIM_META, scalars)
+    fsync_path(d)  # the weights' renames on disk before meta.json names them
     _write_json(d / META_FILE, {"format": FORMAT, **meta, "files": files})
+    fsync_path(d)  # and the commit point itself
     return d
 
 
