@@ -163,10 +163,13 @@ def submission_id(spec_path: str, overrides: list[str], date: str) -> str:
     """The Ray submission id of a spec with these overrides for one date: the same on every retry.
 
     speeder-<spec name>-<date>-<12 hex of sha256(spec text, overrides)>; a changed spec or override is
-    another job. (Ray's job server refuses a second job with an id it has seen.)
+    another job. The date is in the name, so a `score.date` override is left out of the digest: a retry
+    that names the date it defaulted to the first time is the same job. (Ray's job server refuses a second
+    job with an id it has seen.)
     """
     spec = Path(spec_path)
-    digest = hashlib.sha256(json.dumps([spec.read_text(), list(overrides)]).encode()).hexdigest()[:12]
+    rest = [o for o in overrides if o.split("=", 1)[0].strip() != "score.date"]
+    digest = hashlib.sha256(json.dumps([spec.read_text(), rest]).encode()).hexdigest()[:12]
     name = re.sub(r"[^a-z0-9]+", "-", spec.stem.lower()).strip("-") or "spec"
     return f"speeder-{name}-{date}-{digest}"
 

@@ -54,6 +54,8 @@ def test_the_id_depends_on_spec_overrides_and_date_only(tmp_path) -> None:
     assert first.startswith("speeder-smoke-2026-11-27-")
     assert first != jobs.submission_id(SPEC, ["score.k=5"], "2026-11-28")
     assert first != jobs.submission_id(SPEC, ["score.k=6"], "2026-11-27")
+    # The date is the id's own part: naming it explicitly (a retry that pins the date) is the same job.
+    assert first == jobs.submission_id(SPEC, ["score.k=5", "score.date=2026-11-27"], "2026-11-27")
     edited = tmp_path / "smoke.yaml"
     edited.write_text(pathlib.Path(SPEC).read_text() + "\n# edited\n")
     assert first != jobs.submission_id(str(edited), ["score.k=5"], "2026-11-27")
