@@ -72,12 +72,19 @@ class SpeederSettings:
     # Weight of distillation from a teacher (SASRec) at every history slot: KL(teacher || model) of the
     # next-item distributions over the catalog. Beyond the paper; needs teacher logits in forward().
     distill_weight: float = 0.0
+    # With the sequence skip: the content path's share of a warm item's token (one with a SASRec embedding),
+    # learned from this value. 1.0: content and skip at equal norm (the content path's random start blurs
+    # SASRec's ranking until trained); small (0.1): an untrained model ranks like SASRec. Items without a
+    # SASRec embedding keep the content path at full scale either way.
+    content_mix: float = 1.0
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ValueError(f"readout: {self.readout!r} is not one of {', '.join(READOUTS)}")
         if not 0.0 <= self.sequence_dropout < 1.0:
             raise ValueError(f"sequence_dropout must be in [0, 1), not {self.sequence_dropout}")
+        if self.content_mix <= 0:
+            raise ValueError(f"content_mix must be > 0, not {self.content_mix}")
         if self.sequence_user and not self.sequence_skip:
             raise ValueError("sequence_user needs sequence_skip (the user state enters through the same map)")
 
@@ -101,7 +108,8 @@ class SpeederModel(nn.Module):
                      if sequence_encoder is not None and settings.sequence_user else None)
         self.mrc = MRC(settings.feature_dims, d, hidden_size=settings.mrc_hidden, num_layers=settings.mrc_layers,
                        num_heads=settings.mrc_heads, dropout=settings.mrc_dropout, embed_scale=scale,
-                       sequence_skip=settings.sequence_skip, sequence_scale=seq_scale)
+                       sequence_skip=settings.sequence_skip, sequence_scale=seq_scale,
+                       content_mix=settings.content_mix)
         self.ppl = PositionPromptLearning(settings.max_history, d) if settings.use_ppl else None
         self.head = ScoringHead(d, settings.readout, slots=settings.dense_weight > 0 or settings.distill_weight > 0,
                                 item_prior=settings.item_prior, input_skip=settings.readout_skip,

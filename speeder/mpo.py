@@ -30,6 +30,7 @@ GROUP_PATTERNS: list[tuple[str, str]] = [
     (r"^mrc\.adapters\.vision\.", "vision_adapter"),
     (r"^mrc\.adapters\.sequence\.", "sequence_adapter"),
     (r"^mrc\.sequence_skip\.", "sequence_adapter"),
+    (r"^mrc\.log_content_mix$", "sequence_adapter"),
     (r"^mrc\.blocks\.\d+\.experts\.text\.", "text_expert"),
     (r"^mrc\.blocks\.\d+\.experts\.vision\.", "vision_expert"),
     (r"^mrc\.blocks\.\d+\.experts\.sequence\.", "sequence_expert"),

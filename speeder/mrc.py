@@ -16,6 +16,7 @@ Item tokens depend only on item features and MRC weights: a catalog is tokenised
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -159,8 +160,10 @@ class MRC(nn.Module):
 
     def __init__(self, feature_dims: dict[str, int], d_llm: int, *, hidden_size: int = 256, num_layers: int = 2,
                  num_heads: int = 4, dropout: float = 0.1, embed_scale: float = 1.0,
-                 sequence_skip: bool = False, sequence_scale: float | None = None) -> None:
+                 sequence_skip: bool = False, sequence_scale: float | None = None, content_mix: float = 1.0) -> None:
         super().__init__()
+        if content_mix <= 0:
+            raise ValueError(f"content_mix must be > 0, not {content_mix}")
         self.feature_dims = dict(feature_dims)
         d = hidden_size
         self.adapters = nn.ModuleDict({m: Adapter(self.feature_dims[m], d) for m in MODALITIES
@@ -189,6 +192,11 @@ class MRC(nn.Module):
             with torch.no_grad():  # per-coordinate RMS of the skip = embed_scale, like a word embedding
                 self.sequence_skip.weight.copy_(q * float(embed_scale) * (d_llm / d_s) ** 0.5
                                                 / (sequence_scale or 1.0))
+            # The content path's share of a warm token (one with a SASRec embedding): exp(log_content_mix),
+            # log-parametrised like log_gain. Small at the start, so warm tokens are SASRec's skip plus a
+            # small content part and the untrained model ranks like SASRec; items without a SASRec
+            # embedding (cold, or hidden by sequence dropout) keep the content path at full scale.
+            self.log_content_mix = nn.Parameter(torch.tensor([math.log(content_mix)]))
 
     def sequence_input(self, s: torch.Tensor) -> torch.Tensor:
         """What the sequence skip reads: SASRec vectors (..., d_s) as they are when the table's scale is
@@ -235,7 +243,7 @@ class MRC(nn.Module):
         out = self.output_scale * self.output_norm(self.output(self.fusion_norm(pooled)))  # (N, d_llm)
         if self.sequence_skip is not None and "sequence" in active:
             skip = self.sequence_skip(self.sequence_input(values["sequence"].to(out.dtype)))  # (N, d_llm)
-            out = out + torch.where(masks["sequence"].bool().unsqueeze(-1), skip, 0.0)
+            out = torch.where(masks["sequence"].bool().unsqueeze(-1), self.log_content_mix.exp() * out + skip, out)
         return out
 
 

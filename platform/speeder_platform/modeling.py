@@ -36,6 +36,7 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         sequence_user=model.sequence_user and feature_dims.get("sequence", 0) > 0,
         item_norms=model.item_norms,
         sequence_dropout=model.sequence_dropout,
+        content_mix=model.content_mix,
     )
 
 

@@ -383,3 +383,46 @@ def test_sequence_dropout_hides_seq_emb_of_items_that_keep_another_modality(feat
     assert torch.equal(dropped.text, partly.text) and torch.equal(dropped.sequence, partly.sequence)
     with pytest.raises(ValueError, match="sequence_dropout"):
         tiny_settings(features, sequence_dropout=1.0)
+
+
+def test_content_mix_scales_the_content_part_of_warm_tokens_only(features) -> None:
+    cold = torch.arange(features.num_items) >= 30  # no SASRec embedding: new items
+    catalog = ItemFeatures(**{**vars(features), "sequence_mask": ~cold})
+    tokens, skips = {}, {}
+    for mix in (1.0, 0.1):
+        torch.manual_seed(0)  # the same weights for both mixes
+        model = build_model("tiny-llama", tiny_settings(features, sequence_skip=True, content_mix=mix)).eval()
+        with torch.no_grad():
+            tokens[mix] = model.item_tokens(catalog, ALL)
+            skips[mix] = model.mrc.sequence_skip(model.mrc.sequence_input(catalog.sequence))
+    torch.testing.assert_close(skips[1.0], skips[0.1])
+    content = tokens[1.0] - skips[1.0]  # warm rows: the content path at full scale
+    torch.testing.assert_close(tokens[0.1][~cold], 0.1 * content[~cold] + skips[0.1][~cold], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokens[0.1][cold], tokens[1.0][cold])  # cold items keep the content path whole
+    assert float(content[~cold].norm(dim=-1).min()) > 0  # there was a content part to scale
+    with pytest.raises(ValueError, match="content_mix"):
+        tiny_settings(features, content_mix=0.0)
+
+
+def test_an_untrained_model_with_the_sasrec_paths_ranks_like_sasrec(features) -> None:
+    from speeder.sasrec import SASRec
+
+    torch.manual_seed(0)
+    sasrec = SASRec(features.num_items, hidden_size=features.sequence.shape[1], num_heads=2, max_length=6).eval()
+    with torch.no_grad():
+        sasrec.item_embedding.weight.normal_(0.0, 1.0)  # spread scores: a trained table, not init noise
+    catalog = ItemFeatures(**{**vars(features), "sequence": sasrec.item_embeddings().detach().clone()})
+    history = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6], [-1, -1, 9, 8]])
+    with torch.no_grad():
+        expected = sasrec.full_sort_predict(history).argsort(dim=-1, descending=True)
+    orders = {}
+    for mix in (1e-4, 1.0):
+        settings = tiny_settings(features, sequence_skip=True, sequence_user=True, readout_skip=True, readout="both",
+                                 content_mix=mix)
+        torch.manual_seed(0)
+        model = build_model("tiny-llama", settings, sequence_encoder=sasrec).eval()
+        with torch.no_grad():
+            orders[mix] = model.score_catalog(history, model.item_tokens(catalog, ALL), ALL).argsort(
+                dim=-1, descending=True)
+    assert torch.equal(orders[1e-4][:, :10], expected[:, :10])
+    assert not torch.equal(orders[1.0][:, :10], expected[:, :10])  # content at full scale blurs SASRec's ranking

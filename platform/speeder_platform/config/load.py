@@ -59,6 +59,7 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     _positive("model.max_history", cfg.model.max_history)
     _positive("model.ppt_lambda", cfg.model.ppt_lambda, allow_zero=True)
+    _positive("model.content_mix", cfg.model.content_mix)
     if not 0.0 <= cfg.model.sequence_dropout < 1.0:
         raise ConfigError(f"model.sequence_dropout: must be in [0, 1), got {cfg.model.sequence_dropout}")
     _positive("model.dense_weight", cfg.model.dense_weight, allow_zero=True)

@@ -22,6 +22,7 @@ VARIANTS: dict[str, list[str]] = {
     "no sequence dropout": ["model.sequence_dropout=0"],
     "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
     "no SASRec user state": ["model.sequence_user=false"],
+    "warm content at 0.1 (starts as SASRec)": ["model.content_mix=0.1"],  # the untrained model ranks like SASRec
     "+ SASRec distillation": ["model.distill_weight=1.0", "trainer.loss_pool=catalog"],  # needs every item's score
     "catalog softmax": ["trainer.loss_pool=catalog"],  # every item's token with gradients each step (the demo samples)
     "no PPT": ["model.ppt_lambda=0"],
