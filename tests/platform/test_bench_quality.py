@@ -163,6 +163,13 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
         assert f"| {name} |" in md
     assert "Recipe: `jobs/synthetic.yaml` with trainer.max_train_samples=24 trainer.batch_size=8" in md
     assert "Cold-start items" in md and "Missing modalities" in md
+    by = ds["by_target"]  # synthetic: each model's HR@1 on successor targets and on the others
+    assert 0.0 < by["successor_share"] < 1.0 and by["test_users"] == ds["data"]["test"]
+    assert {"Popularity", "SASRec", "Speeder", "no PPT"} <= set(by["models"]) and "LLaRA-style" not in by["models"]
+    for name, split in by["models"].items():  # the two parts add up to the row's HR@1
+        whole = by["successor_share"] * split["successor"] + (1 - by["successor_share"]) * split["other"]
+        assert whole == pytest.approx(ds["models"][name]["metrics"]["cand_hr@1"]), name
+    assert "HR@1 by kind of target" in md
     for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -173,3 +180,25 @@ def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
     assert exit_help.value.code == 0 and "--dataset" in capsys.readouterr().out
     assert main(["--variants", "Speeder,no such"]) == 2
     assert "unknown variant or part: no such" in caplog.text
+
+
+def test_successor_targets_follow_the_generators_rule(tmp_path) -> None:
+    from speeder_platform.config import SyntheticConfig
+    from speeder_platform.data.synthetic import synthetic_catalog
+
+    data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
+    meta = storage.read_json(storage.join(data, schema.META_FILE))
+    truth = synthetic_catalog(SyntheticConfig(**meta["synthetic"]))
+    items = storage.read_table(storage.join(data, schema.ITEMS_FILE)).to_pydict()
+    item_id = {int(s.split("-")[1]): i for i, s in zip(items[schema.ITEM_ID], items[schema.SOURCE_ID], strict=True)}
+    a, b = item_id[0], item_id[5]
+    succ_a = item_id[int(truth.successor[0])]
+    other = next(i for i in item_id.values() if i not in (succ_a, a, b))
+    samples = Samples.from_rows([[b, a], [b, a], [a], []], [succ_a, other, succ_a, a], [[0]] * 4, max_history=4)
+    assert quality_data.successor_targets(data, samples).tolist() == [True, False, True, False]
+    ranks = np.array([0, 0, 3, 1])
+    assert quality_data.hr1_by_target(ranks, np.array([True, False, True, False])) == {"successor": 0.5,
+                                                                                        "other": 0.5}
+    ml = tmp_path / "other"
+    storage.write_json(str(ml / schema.META_FILE), {"source": "movielens-100k"})
+    assert quality_data.successor_targets(str(ml), samples) is None

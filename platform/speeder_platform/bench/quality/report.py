@@ -106,6 +106,18 @@ def missing_table(missing: dict[str, Any], reference: dict[str, float], rate: fl
     return "\n".join(lines)
 
 
+def by_target_table(by: dict[str, Any]) -> str:
+    """HR@1 of each model on successor targets and on the others (synthetic catalog)."""
+    share = by["successor_share"]
+    lines = [f"Test targets by kind (the generator's truth): {100 * share:.1f}% are the last history item's successor "
+             f"(an item-level rule only sequences carry), {100 * (1 - share):.1f}% a draw from the user's related "
+             "items (group, category or colour: what text and images describe).", "",
+             "| model | HR@1 successor targets | HR@1 other targets |", "|---|---|---|"]
+    for name, m in by["models"].items():
+        lines.append(f"| {name} | {_num(m['successor'])} | {_num(m['other'])} |")
+    return "\n".join(lines)
+
+
 def dataset_section(name: str, ds: dict[str, Any], results: dict[str, Any]) -> list[str]:
     d = ds["data"]
     lines = [f"## {TITLES.get(name, name)}", "",
@@ -114,6 +126,8 @@ def dataset_section(name: str, ds: dict[str, Any], results: dict[str, Any]) -> l
              "the same for every model) and full ranking with history items masked.", "",
              model_table(ds["models"]), "", budget_text(ds), ""]
     lines += checks_text(ds.get("checks", {})) + ([""] if ds.get("checks") else [])
+    if "by_target" in ds:
+        lines += ["### HR@1 by kind of target", "", by_target_table(ds["by_target"]), ""]
     lines += [f"![accuracy](accuracy_{name}.png)", f"![training curves](curves_{name}.png)", ""]
     if "cold_start" in ds:
         lines += [f"### Cold-start items ({100 * results['cold_fraction']:.0f}% held out)", "",
