@@ -24,9 +24,10 @@ class ScoringHead(nn.Module):
 
     def __init__(self, d: int, readout: str = "final", slots: bool = False, item_prior: bool = False,
                  input_skip: bool = False, sequence_user: bool = False, item_norm: float | None = None,
-                 init_temperature: float = 20.0) -> None:
+                 init_temperature: float = 20.0, residual: bool = False) -> None:
         super().__init__()
         self.readout = readout
+        self.residual = residual  # with SASRec's state: unit(W_s seq) + the rest, not unit(W_s seq + the rest)
         self.proj = nn.Linear(d, d, bias=False) if readout in ("final", "both") else None
         self.slot_proj = nn.Linear(d, d, bias=False) if slots or readout != "final" else None
         self.input_skip = nn.Linear(d, d, bias=False) if input_skip else None
@@ -51,7 +52,8 @@ class ScoringHead(nn.Module):
     def user_vectors(self, h_final: torch.Tensor, h_last: torch.Tensor, x_last: torch.Tensor,
                      seq: torch.Tensor | None = None) -> torch.Tensor:
         """h_final (B, D) at the prompt's last token, h_last (B, D) at the last history slot, x_last (B, D)
-        that slot's input token, seq (B, D) the sequence encoder's user state in token space -> (B, D)."""
+        that slot's input token, seq (B, D) the sequence encoder's user state in token space -> (B, D) user
+        vectors (unit, except with `residual`: unit SASRec part + the learnt part)."""
         if self.readout == "final":
             u = self.proj(h_final)
         elif self.readout == "last_slot":
@@ -60,9 +62,19 @@ class ScoringHead(nn.Module):
             u = self.proj(h_final) + self.slot_proj(h_last)
         if self.input_skip is not None:
             u = u + self.input_skip(x_last)
-        if self.sequence_skip is not None and seq is not None:
-            u = u + self.sequence_skip(seq)
-        return F.normalize(u, dim=-1)  # (B, D)
+        return self._with_sequence(u, seq)  # (B, D)
+
+    def _with_sequence(self, u: torch.Tensor, seq: torch.Tensor | None) -> torch.Tensor:
+        """The LLM's (and readout skip's) part u (..., D) with SASRec's user state seq (..., D) or None.
+
+        Default: unit(u + W_s seq). Residual: unit(W_s seq) + u, so SASRec's part keeps its scale however
+        the learnt part grows, and the learnt part (from zero) is a correction on top of SASRec's ranking.
+        """
+        if self.sequence_skip is None or seq is None:
+            return F.normalize(u, dim=-1)
+        if self.residual:
+            return F.normalize(self.sequence_skip(seq), dim=-1) + u
+        return F.normalize(u + self.sequence_skip(seq), dim=-1)
 
     def slot_vectors(self, h: torch.Tensor, x: torch.Tensor, seq: torch.Tensor | None = None) -> torch.Tensor:
         """h (K, D) at history slots, x (K, D) their input tokens, seq (K, D) the sequence encoder's state
@@ -70,9 +82,7 @@ class ScoringHead(nn.Module):
         v = self.slot_proj(h)
         if self.input_skip is not None:
             v = v + self.input_skip(x)
-        if self.sequence_skip is not None and seq is not None:
-            v = v + self.sequence_skip(seq)
-        return F.normalize(v, dim=-1)
+        return self._with_sequence(v, seq)
 
     def scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """u (B, D) unit user vectors; items (B, C, D) or (N, D) -> (B, C) or (B, N)."""

@@ -77,6 +77,9 @@ class SpeederSettings:
     # SASRec's ranking until trained); small (0.1): an untrained model ranks like SASRec. Items without a
     # SASRec embedding keep the content path at full scale either way.
     content_mix: float = 1.0
+    # With sequence_user: user (and slot) vectors are unit(W_s seq) + the LLM's part instead of
+    # unit(W_s seq + the LLM's part), so SASRec's ranking keeps its weight and the LLM learns a correction.
+    residual_readout: bool = False
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
@@ -114,7 +117,8 @@ class SpeederModel(nn.Module):
         self.head = ScoringHead(d, settings.readout, slots=settings.dense_weight > 0 or settings.distill_weight > 0,
                                 item_prior=settings.item_prior, input_skip=settings.readout_skip,
                                 sequence_user=settings.sequence_user,
-                                item_norm=scale * d ** 0.5 if settings.item_norms else None)
+                                item_norm=scale * d ** 0.5 if settings.item_norms else None,
+                                residual=settings.residual_readout)
         self.ppt = PositionProxyHead(d, settings.max_history) if settings.ppt_lambda > 0 else None
         # Frozen: SASRec as featurize trained it (its item embeddings are the sequence features).
         self.sequence_encoder = sequence_encoder if settings.sequence_user else None

@@ -37,6 +37,7 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         item_norms=model.item_norms,
         sequence_dropout=model.sequence_dropout,
         content_mix=model.content_mix,
+        residual_readout=model.residual_readout,
     )
 
 

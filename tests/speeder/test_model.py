@@ -426,3 +426,30 @@ def test_an_untrained_model_with_the_sasrec_paths_ranks_like_sasrec(features) ->
                 dim=-1, descending=True)
     assert torch.equal(orders[1e-4][:, :10], expected[:, :10])
     assert not torch.equal(orders[1.0][:, :10], expected[:, :10])  # content at full scale blurs SASRec's ranking
+
+
+def test_residual_readout_keeps_sasrecs_part_whole_beside_the_learnt_part(features) -> None:
+    from speeder.sasrec import SASRec
+
+    torch.manual_seed(0)
+    sasrec = SASRec(features.num_items, hidden_size=features.sequence.shape[1], num_heads=2, max_length=6).eval()
+    history = torch.tensor([[-1, 3, 4, 5], [0, 1, 2, 6]])
+    vectors = {}
+    for residual in (False, True):
+        settings = tiny_settings(features, sequence_skip=True, sequence_user=True, readout_skip=True, readout="both",
+                                 residual_readout=residual)
+        torch.manual_seed(0)
+        model = build_model("tiny-llama", settings, sequence_encoder=sasrec).eval()
+        with torch.no_grad():
+            table = model.item_tokens(features, ALL)
+            untrained, _, _ = model.user_vectors(history, table, ALL)
+            model.head.proj.weight.normal_(0.0, 1.0)  # a learnt part much larger than SASRec's unit part
+            u, hidden, batch = model.user_vectors(history, table, ALL)
+            seq = model.head.sequence_skip(model.sequence_states(history, ALL)[:, -1])
+            llm = model.head.proj(hidden[:, -1].float())  # the only learnt part not at zero here
+        vectors[residual] = untrained
+        if residual:  # SASRec's part stays a unit vector beside the learnt part
+            torch.testing.assert_close(u, torch.nn.functional.normalize(seq, dim=-1) + llm, rtol=1e-4, atol=1e-4)
+        else:  # both normalised together: the large learnt part drowns SASRec's
+            torch.testing.assert_close(u, torch.nn.functional.normalize(seq + llm, dim=-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(vectors[True], vectors[False])  # untrained, the two are the same model

@@ -133,6 +133,9 @@ class ModelConfig:
     # With sequence_skip: the content path's share of a warm item's token (learned from this value). 0.1 makes the
     # untrained model rank like SASRec; after training it measured the same as 1.0 (README, Quality), the default.
     content_mix: float = 1.0
+    # With sequence_user: user vectors = unit(SASRec's state) + the LLM's part (a correction from zero) instead of
+    # unit(both); SASRec's ranking keeps its weight however the LLM's part grows (README, Quality).
+    residual_readout: bool = False
     gradient_checkpointing: bool = False
 
 

@@ -23,6 +23,9 @@ VARIANTS: dict[str, list[str]] = {
     "no SASRec skip": ["model.sequence_skip=false", "model.sequence_user=false"],
     "no SASRec user state": ["model.sequence_user=false"],
     "warm content at 0.1 (starts as SASRec)": ["model.content_mix=0.1"],  # the untrained model ranks like SASRec
+    "residual readout": ["model.residual_readout=true"],  # unit SASRec state + the LLM's part, not unit(both)
+    # Both: the model starts exactly as SASRec and SASRec's ranking keeps its weight while the LLM's part grows.
+    "residual readout + warm content 0.1": ["model.residual_readout=true", "model.content_mix=0.1"],
     "+ SASRec distillation": ["model.distill_weight=1.0", "trainer.loss_pool=catalog"],  # needs every item's score
     "catalog softmax": ["trainer.loss_pool=catalog"],  # every item's token with gradients each step (the demo samples)
     "no PPT": ["model.ppt_lambda=0"],
