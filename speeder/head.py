@@ -67,13 +67,14 @@ class ScoringHead(nn.Module):
     def _with_sequence(self, u: torch.Tensor, seq: torch.Tensor | None) -> torch.Tensor:
         """The LLM's (and readout skip's) part u (..., D) with SASRec's user state seq (..., D) or None.
 
-        Default: unit(u + W_s seq). Residual: unit(W_s seq) + u, so SASRec's part keeps its scale however
-        the learnt part grows, and the learnt part (from zero) is a correction on top of SASRec's ranking.
+        Default: unit(u + W_s seq). Residual: unit(W_s seq) + u / max(1, |u|), so SASRec's part keeps its
+        scale however the learnt part grows, and the learnt part (from zero, its norm capped at SASRec's) is
+        a correction on top of SASRec's ranking.
         """
         if self.sequence_skip is None or seq is None:
             return F.normalize(u, dim=-1)
         if self.residual:
-            return F.normalize(self.sequence_skip(seq), dim=-1) + u
+            return F.normalize(self.sequence_skip(seq), dim=-1) + u / u.norm(dim=-1, keepdim=True).clamp(min=1.0)
         return F.normalize(u + self.sequence_skip(seq), dim=-1)
 
     def slot_vectors(self, h: torch.Tensor, x: torch.Tensor, seq: torch.Tensor | None = None) -> torch.Tensor:
