@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speeder.durable import fsync_path
+from speeder.durable import fsync_path, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder`, the folder last."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
-
-
 def _atomic_cache(target: Path, build) -> Path:
     """Build a cache folder once: into a temporary sibling, then rename (concurrent builders are safe:
     the first rename wins, the others discard their copy). Its files are fsynced before the rename and
@@ -96,7 +88,7 @@ def _atomic_cache(target: Path, build) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         build(tmp)
-        _fsync_tree(tmp)  # every byte on disk before the cache's name points at them
+        fsync_tree(tmp)  # every byte on disk before the cache's name points at them
         try:
             os.rename(tmp, target)
             fsync_path(target.parent)  # the rename itself survives a power cut

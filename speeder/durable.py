@@ -13,3 +13,12 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under a local folder, bottom-up (each folder after what it holds), so
+    renaming it into place afterwards never exposes empty or missing files."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)

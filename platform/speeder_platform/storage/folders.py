@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from speeder.durable import fsync_path
+from speeder.durable import fsync_path, fsync_tree
 from speeder_platform.storage.objects import (
     _call,
     _files,
@@ -42,14 +42,6 @@ MANIFEST = "_manifest.json"  # lists the files of a committed folder on object s
 # A run-* folder no manifest names is swept after this long: a commit copies its files in minutes, so an
 # older one is an attempt that crashed before its commit point, never one still copying beside ours.
 STALE_RUN_S = 24 * 3600
-
-
-def _fsync_tree(path: str) -> None:
-    """fsync every file and folder under a local folder (files other processes wrote, e.g. Ray Data's)."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -175,7 +167,7 @@ def _commit_local(staging: str, final: str) -> None:
     """commit_dir on a local disk (see there)."""
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
-    _fsync_tree(staging)  # every staged byte on disk before the partition's name points at it
+    fsync_tree(staging)  # every staged byte (Ray Data's files too) on disk before the name points at it
     trash = f"{parent}/.{os.path.basename(final)}.old-{uuid.uuid4().hex[:12]}"
     lock = os.open(parent, os.O_RDONLY)  # flock on the folder itself: no lock file beside the outputs
     try:
