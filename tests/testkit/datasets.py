@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 
@@ -11,6 +9,7 @@ from speeder import schema
 from speeder_platform import lineage, storage
 from speeder_platform.config import load_config
 from speeder_platform.data.prepare import prepare_dataset
+from speeder_platform.featurize.pipeline import dataset_fingerprint
 from speeder_platform.tables import features_uri
 
 
@@ -53,8 +52,7 @@ def write_random_features(dataset: str, name: str = "default", dims: tuple[int, 
     # Committed as featurize commits a set (the table, then meta.json naming its fingerprint): lineage refuses
     # a features table that nothing committed.
     settings = {"text_encoder": "random", "dims": list(dims), "image_rate": image_rate, "seed": seed}
-    items_digest = hashlib.sha256(storage.read_bytes(storage.join(dataset, schema.ITEMS_FILE))).hexdigest()
-    inputs = {schema.ITEMS_FILE: items_digest}
+    inputs = dataset_fingerprint(dataset)  # the dataset files' digests, as featurize fingerprints them
     lineage.commit(table, features_folder(dataset, name), {"settings": settings}, lineage.fingerprint(inputs, settings))
     return features_uri(dataset, name)
 
