@@ -6,6 +6,9 @@ import torch
 
 from speeder.model import SpeederSettings
 from speeder.mrc import ItemFeatures
+from speeder.schema import MODALITIES
+
+ALL = list(MODALITIES)  # every modality active, as stage 3 has them
 
 
 def make_features(n: int = 40, dims: tuple[int, int, int] = (16, 8, 6), image_rate: float = 0.7,
