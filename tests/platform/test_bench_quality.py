@@ -16,6 +16,7 @@ from speeder_platform import cli, storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
 from speeder_platform.bench.quality import data as quality_data
 from speeder_platform.bench.quality.data import hold_out_items, mask_modality, warm_train_samples
+from speeder_platform.bench.quality.truth import synthetic_truth
 from speeder_platform.bench.quality.variants import VARIANTS
 from speeder_platform.config import to_dict
 from speeder_platform.featurize.pipeline import features_dir
@@ -163,13 +164,15 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
         assert f"| {name} |" in md
     assert "Recipe: `jobs/synthetic.yaml` with trainer.max_train_samples=24 trainer.batch_size=8" in md
     assert "Cold-start items" in md and "Missing modalities" in md
-    by = ds["by_target"]  # synthetic: each model's HR@1 on successor targets and on the others
+    by = ds["by_target"]  # synthetic: the ceiling, each model's HR@1 on successor targets and on the others
     assert 0.0 < by["successor_share"] < 1.0 and by["test_users"] == ds["data"]["test"]
     assert {"Popularity", "SASRec", "Speeder", "no PPT"} <= set(by["models"]) and "LLaRA-style" not in by["models"]
+    assert 0.0 < by["ceiling"]["all"] <= 1.0 and by["ceiling"]["lottery_sd"] > 0.0
     for name, split in by["models"].items():  # the two parts add up to the row's HR@1
         whole = by["successor_share"] * split["successor"] + (1 - by["successor_share"]) * split["other"]
         assert whole == pytest.approx(ds["models"][name]["metrics"]["cand_hr@1"]), name
-    assert "HR@1 by kind of target" in md
+        assert split["expected"] <= by["ceiling"]["all"] + 1e-9, name  # nothing expects more than the odds give
+    assert "HR@1 by kind of target" in md and "| ceiling (the generator's odds) |" in md
     for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -182,23 +185,40 @@ def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
     assert "unknown variant or part: no such" in caplog.text
 
 
-def test_successor_targets_follow_the_generators_rule(tmp_path) -> None:
+def test_synthetic_truth_ranks_candidates_by_the_generators_odds(tmp_path) -> None:
     from speeder_platform.config import SyntheticConfig
     from speeder_platform.data.synthetic import synthetic_catalog
 
-    data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
+    data = prepare_synthetic(str(tmp_path / "syn"), num_users=60, num_items=120)
     meta = storage.read_json(storage.join(data, schema.META_FILE))
     truth = synthetic_catalog(SyntheticConfig(**meta["synthetic"]))
     items = storage.read_table(storage.join(data, schema.ITEMS_FILE)).to_pydict()
     item_id = {int(s.split("-")[1]): i for i, s in zip(items[schema.ITEM_ID], items[schema.SOURCE_ID], strict=True)}
-    a, b = item_id[0], item_id[5]
-    succ_a = item_id[int(truth.successor[0])]
-    other = next(i for i in item_id.values() if i not in (succ_a, a, b))
-    samples = Samples.from_rows([[b, a], [b, a], [a], []], [succ_a, other, succ_a, a], [[0]] * 4, max_history=4)
-    assert quality_data.successor_targets(data, samples).tolist() == [True, False, True, False]
-    ranks = np.array([0, 0, 3, 1])
-    assert quality_data.hr1_by_target(ranks, np.array([True, False, True, False])) == {"successor": 0.5,
-                                                                                        "other": 0.5}
+    a = next(iter(item_id))
+    succ = int(truth.successor[a])
+    same = [g for g in item_id if truth.group[g] == truth.group[a] and g not in (a, succ)]
+    related = [g for g in item_id if truth.category[g] == truth.category[a] and truth.colour[g] != truth.colour[a]]
+    unrelated = [g for g in item_id if truth.category[g] != truth.category[a] and truth.colour[g] != truth.colour[a]]
+    s, m, r1, r2, u1, u2 = (item_id[g] for g in (succ, same[0], related[0], related[1], unrelated[0], unrelated[1]))
+    a = item_id[a]
+    samples = Samples.from_rows(
+        [[a], [a], [a], [a]],
+        [s, m, r1, u1],
+        [[s, m, r1, u1], [m, s, r1, u1], [r1, u1, r2, u2], [u1, r1, u2, r2]], max_history=4)
+    got = synthetic_truth(data, samples)
+    assert got.successor.tolist() == [True, False, False, False]
+    assert got.top.tolist() == [1, 1, 2, 2]  # the successor alone; the successor alone; r1, r2; r1, r2
+    assert got.target_on_top.tolist() == [True, False, True, False]
+    ceiling = got.ceiling()
+    assert ceiling["all"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert ceiling["successor"] == 1.0 and ceiling["other"] == pytest.approx(0.5 / 3)
+    assert ceiling["lottery_sd"] == pytest.approx(np.sqrt(0.25) / 4)
+    by = got.by_target(np.array([0, 0, 1, 3]))
+    assert by["successor"] == 1.0 and by["other"] == pytest.approx(1 / 3)
+    assert by["in_top"] == 1.0 and by["in_top_other"] == 1.0  # r1 within the first 2 places
+    assert by["expected"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    worse = got.by_target(np.array([1, 0, 2, 0]))  # the successor second; r1 below an unrelated item
+    assert worse["in_top"] == 0.0 and worse["expected"] == 0.0 and worse["other"] == pytest.approx(2 / 3)
     ml = tmp_path / "other"
     storage.write_json(str(ml / schema.META_FILE), {"source": "movielens-100k"})
-    assert quality_data.successor_targets(str(ml), samples) is None
+    assert synthetic_truth(str(ml), samples) is None

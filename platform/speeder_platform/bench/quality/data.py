@@ -199,36 +199,3 @@ def mask_modality(features: ItemFeatures, modality: str, rate: float, seed: int,
     out = ItemFeatures(text=features.text, text_mask=masks["text"], image=features.image, image_mask=masks["vision"],
                        sequence=features.sequence, sequence_mask=masks["sequence"])
     return out, {"had": int(had.sum()), "requested": requested, "masked": len(chosen)}
-
-
-def successor_targets(data_uri: str, samples: Samples) -> np.ndarray | None:
-    """On a synthetic catalog: which samples' target is the generator's successor of the last history item
-    (the item-level rule only a sequence model learns; the other targets are draws from the user's pools of
-    related items), from the generator's truth (docs/data.md#synthetic) -> (S,) bool; None on other data."""
-    from speeder_platform.config import SyntheticConfig
-    from speeder_platform.data.synthetic import SOURCE, item_source_id, synthetic_catalog
-
-    meta = storage.read_json(storage.join(data_uri, schema.META_FILE))
-    if meta.get("source") != SOURCE or "synthetic" not in meta:
-        return None
-    cfg = SyntheticConfig(**meta["synthetic"])
-    truth = synthetic_catalog(cfg)
-    items = storage.read_table(storage.join(data_uri, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.SOURCE_ID])
-    index_of = {item_source_id(i): i for i in range(cfg.num_items)}
-    generator_index = np.full(items.num_rows, -1, np.int64)  # item id -> the generator's item index
-    generator_index[items.column(schema.ITEM_ID).to_numpy()] = [index_of.get(s, -1) for s in
-                                                                items.column(schema.SOURCE_ID).to_pylist()]
-    if (generator_index < 0).any():
-        raise ValueError(f"{data_uri}: items the synthetic generator did not make (source_id not item-NNNNN)")
-    last = np.array([h[h >= 0][-1] if (h >= 0).any() else -1 for h in samples.history])
-    known = last >= 0
-    out = np.zeros(len(samples), bool)
-    out[known] = truth.successor[generator_index[last[known]]] == generator_index[samples.target[known]]
-    return out
-
-
-def hr1_by_target(ranks: np.ndarray, successor: np.ndarray) -> dict[str, float]:
-    """HR@1 over 20 candidates on successor targets and on the others: ranks (S,) 0-based, successor (S,) bool."""
-    hits = np.asarray(ranks) == 0
-    return {"successor": float(hits[successor].mean()) if successor.any() else float("nan"),
-            "other": float(hits[~successor].mean()) if (~successor).any() else float("nan")}

@@ -51,10 +51,8 @@ from speeder_platform.bench.quality.data import (
     BenchData,
     cold_sasrec,
     cold_start,
-    hr1_by_target,
     load_bench_data,
     mask_modality,
-    successor_targets,
     with_sequence,
 )
 from speeder_platform.bench.quality.models import (
@@ -70,6 +68,7 @@ from speeder_platform.bench.quality.models import (
     valid_subset,
     variant_config,
 )
+from speeder_platform.bench.quality.truth import synthetic_truth
 from speeder_platform.bench.quality.variants import PARTS, VARIANTS
 from speeder_platform.config import SpeederConfig, to_dict
 
@@ -286,10 +285,11 @@ def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dic
     if "cold-start" not in args.skip:
         result["cold_start"] = run_cold_start(data, setup.spec, base, budget, args.cold_fraction, setup.threads)
     checks = modality_checks(rows)
-    successor = successor_targets(data.uri, data.test)
-    if successor is not None:  # synthetic: where each model's hits come from (the rule vs the related pools)
-        result["by_target"] = {"successor_share": float(successor.mean()), "test_users": len(successor),
-                               "models": {k: hr1_by_target(r["ranks"]["candidates"], successor)
+    truth = synthetic_truth(data.uri, data.test)
+    if truth is not None:  # synthetic: the ceiling, and where each model's hits come from (the rule vs the draws)
+        result["by_target"] = {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
+                               "ceiling": truth.ceiling(),
+                               "models": {k: truth.by_target(r["ranks"]["candidates"])
                                           for k, r in rows.items() if r.get("ranks") is not None
                                           and r.get("users_index") is None}}
     pair_with_speeder(rows)

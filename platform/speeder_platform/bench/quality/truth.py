@@ -1,0 +1,104 @@
+"""The synthetic generator's truth on a test split: what any model can reach there, and where hits come from
+(docs/benchmarks.md#by-kind-of-target, docs/data.md#synthetic).
+
+Each candidate of a sample gets its tier, the generator's odds of drawing it next (its rule, data/synthetic.py):
+
+    3  the last history item's successor, not yet seen (drawn with probability markov_strength)
+    2  an item of the user's preferred group (estimated: the history's most frequent group, the earliest on a tie)
+    1  an item sharing the preferred group's category or colour (the related pool)
+    0  any other item (noise)
+
+Within a tier every candidate is exactly as likely, so ranking by tier is the generator's own (Bayes) ranking up
+to ties, and even that ranking hits a sample only with probability 1 / n, n the candidates in its best tier:
+on the draws from the related pool (about a third of the targets) HR@1 is a lottery among ~5-9 equally likely
+items. Its expected HR@1 is the ceiling of every model; per model, the share of samples whose target it ranks
+within the best tier's first n places says whether it knows the odds, without the lottery's noise.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+
+from speeder import schema
+from speeder.loop import Samples
+from speeder_platform import storage
+
+
+@dataclass
+class SyntheticTruth:
+    """Per test sample (S of them), from the generator's truth."""
+
+    successor: np.ndarray  # (S,) bool: the target is the last history item's successor
+    top: np.ndarray  # (S,) int: candidates in the sample's best tier (n >= 1)
+    target_on_top: np.ndarray  # (S,) bool: the target is one of them
+
+    def ceiling(self) -> dict[str, float]:
+        """Expected HR@1 of the generator's ranking (ties drawn at random): on all, successor and other targets,
+        and lottery_sd, the standard deviation of its HR@1 over the draws alone (how far luck moves any model)."""
+        expected = np.where(self.target_on_top, 1.0 / self.top, 0.0)  # (S,)
+        sd = float(np.sqrt((expected * (1 - expected)).sum()) / len(expected)) if len(expected) else float("nan")
+        return {"all": _mean(expected), "successor": _mean(expected[self.successor]),
+                "other": _mean(expected[~self.successor]), "lottery_sd": sd}
+
+    def by_target(self, ranks: np.ndarray) -> dict[str, float]:
+        """A model's ranks (S,) of the target among the candidates (0-based) ->
+
+        successor / other: HR@1 on each kind of target; in_top / in_top_other: of the samples whose target is in
+        the best tier, the share the model ranks within that tier's first n places (1.0 for the generator's
+        ranking); expected: HR@1 with the draw averaged out, 1 / n for each such sample (the generator's
+        ranking scores its ceiling here), so two models compare without the lottery's noise.
+        """
+        ranks = np.asarray(ranks)
+        hits = ranks == 0
+        in_top = self.target_on_top & (ranks < self.top)  # (S,)
+        on_top_other = self.target_on_top & ~self.successor
+        return {"successor": _mean(hits[self.successor]), "other": _mean(hits[~self.successor]),
+                "in_top": _mean(in_top[self.target_on_top]), "in_top_other": _mean(in_top[on_top_other]),
+                "expected": _mean(np.where(in_top, 1.0 / self.top, 0.0))}
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
+    """The tiers of `samples`' candidates on a synthetic catalog prepared at data_uri; None on other data."""
+    from speeder_platform.config import SyntheticConfig
+    from speeder_platform.data.synthetic import SOURCE, item_source_id, synthetic_catalog
+
+    meta = storage.read_json(storage.join(data_uri, schema.META_FILE))
+    if meta.get("source") != SOURCE or "synthetic" not in meta:
+        return None
+    cfg = SyntheticConfig(**meta["synthetic"])
+    truth = synthetic_catalog(cfg)
+    items = storage.read_table(storage.join(data_uri, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.SOURCE_ID])
+    index_of = {item_source_id(i): i for i in range(cfg.num_items)}
+    gen = np.full(items.num_rows, -1, np.int64)  # item id -> the generator's item index
+    gen[items.column(schema.ITEM_ID).to_numpy()] = [index_of.get(s, -1) for s in
+                                                    items.column(schema.SOURCE_ID).to_pylist()]
+    if (gen < 0).any():
+        raise ValueError(f"{data_uri}: items the synthetic generator did not make (source_id not item-NNNNN)")
+    n = len(samples)
+    successor, top, on_top = np.zeros(n, bool), np.ones(n, np.int64), np.zeros(n, bool)
+    for s in range(n):
+        history = gen[samples.history[s][samples.history[s] >= 0]]  # (H',) oldest first
+        candidates = gen[samples.candidates[s]]  # (C,)
+        target = int(gen[samples.target[s]])
+        if not len(history):  # no history: every candidate is as likely as the next
+            top[s], on_top[s] = len(candidates), True
+            continue
+        nxt = int(truth.successor[history[-1]])
+        successor[s] = nxt == target
+        group = collections.Counter(truth.group[history].tolist()).most_common(1)[0][0]
+        category, colour = divmod(group, cfg.num_colors)
+        tiers = np.where((candidates == nxt) & ~np.isin(candidates, history), 3,
+                         np.where(truth.group[candidates] == group, 2,
+                                  np.where((truth.category[candidates] == category)
+                                           | (truth.colour[candidates] == colour), 1, 0)))  # (C,)
+        best = tiers.max()
+        top[s] = int((tiers == best).sum())
+        on_top[s] = bool(tiers[candidates == target].max(initial=-1) == best)
+    return SyntheticTruth(successor=successor, top=top, target_on_top=on_top)
