@@ -204,7 +204,8 @@ def _add_bench_quality(bsub) -> None:
     q.add_argument("--synthetic-data", default="runs/bench/synthetic", help="synthetic dataset (made if missing)")
     q.add_argument("--features-name", default=FEATURES_NAME, help="features/<name> to use or make; `default` "
                    "reuses a job's features made with the same encoders")
-    q.add_argument("--synthetic-users", type=int, default=1000, help="users of a newly made synthetic set")
+    q.add_argument("--synthetic-users", type=int, help="users of the synthetic set (default: the synthetic spec's "
+                   "prepare.synthetic.num_users); a set already at --synthetic-data must have been made with them")
     q.add_argument("--ml100k-spec", default="jobs/demo.yaml", help="ML-100K recipe: model, trainer, featurize")
     q.add_argument("--synthetic-spec", default="jobs/synthetic.yaml", help="synthetic-set recipe")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

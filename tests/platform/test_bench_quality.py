@@ -177,6 +177,28 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
         assert (out / png).read_bytes()[:8] == PNG
 
 
+def test_bench_quality_synthetic_users_makes_or_refuses_the_set(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(quality_data, "ensure_features", write_features)  # no Ray, no encoders
+    data = str(tmp_path / "syn")
+    cheap = ["--set", "prepare.synthetic.num_items=80", "--set", "prepare.synthetic.image_size=8",
+             "--set", "trainer.max_train_samples=8", "--set", "trainer.batch_size=8", "--variants", "",
+             "--skip", "llara,cold-start,missing"]
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--synthetic-users", "30",
+                 "--out", str(tmp_path / "a"), *cheap]) == 0
+    meta = storage.read_json(storage.join(data, schema.META_FILE))
+    assert meta["synthetic"]["num_users"] == 30 and 25 <= meta["counts"]["users"] <= 30  # after the 5-core
+    # the same folder with another user count: refused in one line, the set untouched
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--synthetic-users", "50",
+                 "--out", str(tmp_path / "b"), *cheap]) == 2
+    assert "num_users=30 (the recipe: 50)" in caplog.text and not (tmp_path / "b" / "results.json").exists()
+    assert storage.read_json(storage.join(data, schema.META_FILE)) == meta
+    # without the flag the spec's num_users (1,000) differs too: reused as it is, with a warning
+    caplog.clear()
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "c"), *cheap]) == 0
+    assert "num_users=30 (the recipe: 1000)" in caplog.text
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["datasets"]["synthetic"]["data"]["test"] == meta["counts"]["test"]
+
+
 def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
     with pytest.raises(SystemExit) as exit_help:
         main(["--help"])

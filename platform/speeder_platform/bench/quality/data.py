@@ -17,6 +17,7 @@ modalities masked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,11 +58,25 @@ class BenchData:
         return available_modalities(self.features)
 
 
-def ensure_dataset(cfg: Any) -> None:
-    """Prepare cfg.data.uri from cfg.prepare unless a complete dataset (meta.json) is there."""
+def ensure_dataset(cfg: Any, required: Sequence[str] = ()) -> None:
+    """Prepare cfg.data.uri from cfg.prepare unless a complete dataset (meta.json) is there. A synthetic set made
+    with other generator settings than cfg.prepare.synthetic is reused with a warning naming them, or refused
+    (ValueError) when one of them is in `required` (settings the user asked for explicitly)."""
+    from speeder_platform.config import to_dict
     from speeder_platform.data.prepare import prepare_dataset
 
-    if storage.exists(storage.join(cfg.data.uri, schema.META_FILE)):
+    meta_uri = storage.join(cfg.data.uri, schema.META_FILE)
+    if storage.exists(meta_uri):
+        made = storage.read_json(meta_uri).get("synthetic")
+        wanted = to_dict(cfg.prepare.synthetic)
+        if cfg.prepare.source == "synthetic" and made is not None:
+            differ = [k for k in sorted(wanted) if made.get(k) != wanted[k]]
+            said = ", ".join(f"{k}={made.get(k)} (the recipe: {wanted[k]})" for k in differ)
+            if set(differ) & set(required):
+                raise ValueError(f"{cfg.data.uri} holds a synthetic set made with {said}: pass another data folder "
+                                 "(--synthetic-data) or remove this one")
+            if differ:
+                log.warning("%s was made with %s; the bench uses it as it is", cfg.data.uri, said)
         log.info("dataset %s exists; reusing it", cfg.data.uri)
         return
     log.info("preparing %s at %s", cfg.prepare.source, cfg.data.uri)
@@ -84,9 +99,9 @@ def ensure_features(cfg: Any) -> dict[str, Any]:
     return {"mode": report.mode, "seconds": round(report.seconds, 1), "dims": report.dims}
 
 
-def load_bench_data(name: str, cfg: Any, max_history: int) -> BenchData:
-    """Prepare + featurize if needed, then load features, splits and titles."""
-    ensure_dataset(cfg)
+def load_bench_data(name: str, cfg: Any, max_history: int, required: Sequence[str] = ()) -> BenchData:
+    """Prepare + featurize if needed (`required`: see ensure_dataset), then load features, splits and titles."""
+    ensure_dataset(cfg, required)
     featurize = ensure_features(cfg)
     uri = cfg.data.uri
     items = storage.read_table(storage.join(uri, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.TITLE])

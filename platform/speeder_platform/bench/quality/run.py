@@ -95,7 +95,8 @@ def default_setups(args: argparse.Namespace) -> dict[str, DatasetSetup]:
         "synthetic": DatasetSetup(
             source="synthetic", uri=args.synthetic_data, spec=args.synthetic_spec,
             threads=1,  # tiny models: 1 thread is fastest on 2 cores
-            budget=Budget(valid_users=0, llara_steps=40, llara_batch_size=8, llara_eval_users=300)),
+            budget=Budget(valid_users=0, llara_steps=40, llara_batch_size=8, llara_eval_users=300),
+            prepare=[] if args.synthetic_users is None else [f"prepare.synthetic.num_users={args.synthetic_users}"]),
         "ml100k": DatasetSetup(
             source="movielens-100k", uri=args.ml100k_data, spec=args.ml100k_spec, threads=2,
             budget=Budget(valid_users=200, llara_steps=40, llara_batch_size=4, llara_eval_users=150)),
@@ -259,7 +260,9 @@ def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dic
     base = [f"data.uri={setup.uri}", f"prepare.source={setup.source}", f"featurize.name={args.features_name}",
             f"model.max_history={MAX_HISTORY}", "ray.num_cpus=2", *setup.prepare, *args.set]
     cfg = variant_config(setup.spec, base, [])
-    data = load_bench_data(name, cfg, MAX_HISTORY)
+    asked = [o.split("=", 1)[0].removeprefix("prepare.synthetic.") for o in setup.prepare
+             if o.startswith("prepare.synthetic.")]  # generator settings from the command line must hold
+    data = load_bench_data(name, cfg, MAX_HISTORY, required=asked)
     budget = setup.budget
     sasrec, sasrec_meta = load_sasrec(sasrec_dir(features_dir(cfg)))
     sequences, num_items = train_item_counts(data.uri)
