@@ -107,24 +107,22 @@ def missing_table(missing: dict[str, Any], reference: dict[str, float], rate: fl
 
 
 def by_target_table(by: dict[str, Any]) -> str:
-    """Each model's HR@1 on successor targets and on the others, and against the generator's own odds, beside the
-    ceiling (synthetic catalog; bench/quality/truth.py)."""
+    """Each model's HR@1 on successor targets and on the others, and how often it ranks by the generator's odds,
+    beside the generator's own ranking (synthetic catalog; bench/quality/truth.py)."""
     share, top = by["successor_share"], by["ceiling"]
     lines = [f"Test targets by kind (the generator's truth): {100 * share:.1f}% are the last history item's successor "
              f"(an item-level rule only sequences carry), {100 * (1 - share):.1f}% a draw from the user's related "
              "items (group, category or colour: what text and images describe). Among equally likely candidates "
-             "the draw is a lottery: the generator's own ranking (ties drawn) expects HR@1 "
-             f"{_num(top['all'])}, the ceiling of every model, and luck alone moves a model's HR@1 by +-"
-             f"{top['lottery_sd']:.4f} (one standard deviation). \"likeliest first\": of the samples whose target is "
-             "among its n likeliest candidates, the share a model ranks within its first n places; \"HR@1, draw "
-             "averaged\": 1/n for each of those, HR@1 without the lottery's noise.", "",
+             "the draw is a lottery: ranking by the generator's odds (ties drawn) expects HR@1 "
+             f"{_num(top['all'])}, the reference ceiling, and luck alone moves a model's HR@1 by +-"
+             f"{top['lottery_sd']:.4f} (one standard deviation). \"Likeliest first\": of the samples whose target "
+             "is among its n likeliest candidates, the share a model ranks within its first n places.", "",
              "| model | HR@1 successor targets | HR@1 other targets | likeliest first | likeliest first, other targets "
-             "| HR@1, draw averaged |", "|---|---|---|---|---|---|",
-             f"| ceiling (the generator's odds) | {_num(top['successor'])} | {_num(top['other'])} | 1.0000 | 1.0000 | "
-             f"{_num(top['all'])} |"]
+             "|", "|---|---|---|---|---|",
+             f"| the generator's odds (expected) | {_num(top['successor'])} | {_num(top['other'])} | 1.0000 | 1.0000 |"]
     for name, m in by["models"].items():
         lines.append(f"| {name} | {_num(m['successor'])} | {_num(m['other'])} | {_num(m['in_top'])} | "
-                     f"{_num(m['in_top_other'])} | {_num(m['expected'])} |")
+                     f"{_num(m['in_top_other'])} |")
     return "\n".join(lines)
 
 

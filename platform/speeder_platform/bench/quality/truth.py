@@ -1,30 +1,34 @@
-"""The synthetic generator's truth on a test split: what any model can reach there, and where hits come from
+"""The synthetic generator's truth on a test split: what a model can expect there, and where hits come from
 (docs/benchmarks.md#by-kind-of-target, docs/data.md#synthetic).
 
 Each candidate of a sample gets its tier, the generator's odds of drawing it next (its rule, data/synthetic.py):
 
     3  the last history item's successor, not yet seen (drawn with probability markov_strength)
-    2  an item of the user's preferred group (estimated: the history's most frequent group, the earliest on a tie)
+    2  an item of the user's preferred group (estimated from the history, see `preferred_group`)
     1  an item sharing the preferred group's category or colour (the related pool)
     0  any other item (noise)
 
-Within a tier every candidate is exactly as likely, so ranking by tier is the generator's own (Bayes) ranking up
-to ties, and even that ranking hits a sample only with probability 1 / n, n the candidates in its best tier:
-on the draws from the related pool (about a third of the targets) HR@1 is a lottery among ~5-9 equally likely
-items. Its expected HR@1 is the ceiling of every model; per model, the share of samples whose target it ranks
-within the best tier's first n places says whether it knows the odds, without the lottery's noise.
+Within a tier every candidate is equally likely, so ranking by tier is the generator's own ranking up to ties,
+and even that ranking hits a sample only with probability 1 / n, n the candidates in its best tier: on the
+draws from the related pool (about a third of the targets) HR@1 is a lottery among ~5-9 equally likely items.
+Its expected HR@1 is the reference ceiling (a model could only beat it where the group estimate is wrong);
+per model, the share of samples whose target it ranks within the best tier's first n places says how well it
+knows the odds, which HR@1 alone hides under the lottery's noise.
 """
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from speeder import schema
 from speeder.loop import Samples
 from speeder_platform import storage
+
+if TYPE_CHECKING:
+    from speeder_platform.data.synthetic import SyntheticCatalog
 
 
 @dataclass
@@ -47,21 +51,34 @@ class SyntheticTruth:
         """A model's ranks (S,) of the target among the candidates (0-based) ->
 
         successor / other: HR@1 on each kind of target; in_top / in_top_other: of the samples whose target is in
-        the best tier, the share the model ranks within that tier's first n places (1.0 for the generator's
-        ranking); expected: HR@1 with the draw averaged out, 1 / n for each such sample (the generator's
-        ranking scores its ceiling here), so two models compare without the lottery's noise.
+        the best tier (all of them / those whose target is not the successor), the share the model ranks within
+        that tier's first n places (1.0 for the generator's ranking).
         """
         ranks = np.asarray(ranks)
         hits = ranks == 0
         in_top = self.target_on_top & (ranks < self.top)  # (S,)
         on_top_other = self.target_on_top & ~self.successor
         return {"successor": _mean(hits[self.successor]), "other": _mean(hits[~self.successor]),
-                "in_top": _mean(in_top[self.target_on_top]), "in_top_other": _mean(in_top[on_top_other]),
-                "expected": _mean(np.where(in_top, 1.0 / self.top, 0.0))}
+                "in_top": _mean(in_top[self.target_on_top]), "in_top_other": _mean(in_top[on_top_other])}
 
 
 def _mean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else float("nan")
+
+
+def preferred_group(history: np.ndarray, truth: SyntheticCatalog, num_colors: int) -> int:
+    """The user's preferred group from a history (H',) of generator indices: the group whose related pool
+    (same category or colour) holds the most history items, as every draw but noise does; on a tie the group
+    with the most history items, then the earliest seen. (A history cut to its last max_history items often
+    no longer shows the preferred group itself, only its related draws and their successor chains.)"""
+    groups = np.arange(int(truth.group.max()) + 1)  # (G,)
+    related = ((truth.category[history][None, :] == (groups // num_colors)[:, None])
+               | (truth.colour[history][None, :] == (groups % num_colors)[:, None])).sum(1)  # (G,)
+    members = np.bincount(truth.group[history], minlength=len(groups))  # (G,)
+    first = np.full(len(groups), len(history))
+    for position, g in reversed(list(enumerate(truth.group[history].tolist()))):
+        first[g] = position
+    return int(np.lexsort((first, -members, -related))[0])
 
 
 def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
@@ -92,8 +109,8 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
             continue
         nxt = int(truth.successor[history[-1]])
         successor[s] = nxt == target
-        group = collections.Counter(truth.group[history].tolist()).most_common(1)[0][0]
-        category, colour = divmod(group, cfg.num_colors)
+        category, colour = divmod(preferred_group(history, truth, cfg.num_colors), cfg.num_colors)
+        group = category * cfg.num_colors + colour
         tiers = np.where((candidates == nxt) & ~np.isin(candidates, history), 3,
                          np.where(truth.group[candidates] == group, 2,
                                   np.where((truth.category[candidates] == category)
