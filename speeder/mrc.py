@@ -193,9 +193,9 @@ class MRC(nn.Module):
                 self.sequence_skip.weight.copy_(q * float(embed_scale) * (d_llm / d_s) ** 0.5
                                                 / (sequence_scale or 1.0))
             # The content path's share of a warm token (one with a SASRec embedding): exp(log_content_mix),
-            # log-parametrised like log_gain. Small at the start, so warm tokens are SASRec's skip plus a
-            # small content part and the untrained model ranks like SASRec; items without a SASRec
-            # embedding (cold, or hidden by sequence dropout) keep the content path at full scale.
+            # log-parametrised like log_gain, from content_mix. Started small (0.1), warm tokens are SASRec's
+            # skip plus a small content part and the untrained model ranks like SASRec; items without a
+            # SASRec embedding (cold, or hidden by sequence dropout) keep the content path at full scale.
             self.log_content_mix = nn.Parameter(torch.tensor([math.log(content_mix)]))
 
     def sequence_input(self, s: torch.Tensor) -> torch.Tensor:

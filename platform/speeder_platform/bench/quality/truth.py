@@ -109,8 +109,8 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
             continue
         nxt = int(truth.successor[history[-1]])
         successor[s] = nxt == target
-        category, colour = divmod(preferred_group(history, truth, cfg.num_colors), cfg.num_colors)
-        group = category * cfg.num_colors + colour
+        group = preferred_group(history, truth, cfg.num_colors)
+        category, colour = divmod(group, cfg.num_colors)
         tiers = np.where((candidates == nxt) & ~np.isin(candidates, history), 3,
                          np.where(truth.group[candidates] == group, 2,
                                   np.where((truth.category[candidates] == category)
