@@ -84,6 +84,36 @@ def test_a_request_whose_replica_died_runs_again_with_the_same_body() -> None:
     assert sent[1]["body"] == b'{"history": [1, 2]}'[::-1]
 
 
+class DiesMidResponse(FlakyProxy):
+    """The first call sends the response's start (and, with `partial`, a first body chunk), then ends: a
+    replica that died between Serve's message batches. Later calls answer in full."""
+
+    def __init__(self, partial: bool) -> None:
+        super().__init__(failures=0)
+        self.partial = partial
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if self.bodies:
+            await super().__call__(scope, receive, send)
+            return
+        self.bodies.append((await receive()).get("body", b""))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        if self.partial:
+            await send({"type": "http.response.body", "body": b"half", "more_body": True})
+
+
+def test_a_replica_that_dies_between_start_and_body_is_retried() -> None:
+    proxy = DiesMidResponse(partial=False)
+    sent = call(RetryOnReplicaDeath(proxy, delays=(0.0,)), [b"[1, 2]"])
+    assert proxy.bodies == [b"[1, 2]"] * 2  # run again: the client had been sent nothing
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]  # one response, whole
+    assert sent[0]["status"] == 200 and (b"x-speeder-retries", b"1") in sent[0]["headers"]
+    assert sent[1]["body"] == b"[1, 2]"[::-1]
+    proxy = DiesMidResponse(partial=True)  # its body had started: it went to the client, never run twice
+    sent = call(RetryOnReplicaDeath(proxy, delays=(0.0,)), [b"[1, 2]"])
+    assert len(proxy.bodies) == 1 and [m.get("body") for m in sent] == [None, b"half"]
+
+
 def test_when_no_replica_answers_the_client_gets_a_clear_503() -> None:
     proxy = FlakyProxy(failures=10)
     sent = call(RetryOnReplicaDeath(proxy, delays=(0.0, 0.0)), [b"{}"])

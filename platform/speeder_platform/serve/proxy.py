@@ -7,7 +7,9 @@ by then the router has marked the dead replica and picks a live one. `RetryOnRep
 request body (up to MAX_REPLAY_BYTES), runs the request, and when the proxy returned without starting
 a response, runs it again after a short pause (RETRY_DELAYS_S); when no attempt answers, the client
 gets `503 {"detail": "service: ...", "field": "service"}` with `Retry-After`, never a hang and never
-a bare 500. A response that has started is never retried; a client that went away is not retried.
+a bare 500. A replica that dies after its response's start but before its body is retried the same way (the
+start is held until the body comes; Serve would drop the connection). A response whose body has started
+is never retried; a client that went away is not retried.
 A response that needed more than one attempt carries `x-speeder-retries: N`.
 
 Serve's proxy also answers some requests itself, in plain text: 503 when more than the deployment's
@@ -124,16 +126,28 @@ class RetryOnReplicaDeath:
 
     async def _attempt(self, scope: dict, chunks: list[bytes], receive: Receive, send: Send,
                        state: dict[str, bool], retries: int) -> bool:
-        """Run the request once; True when a response started (it then went to the client as is)."""
+        """Run the request once; True when a response started (it then went to the client as is).
+
+        The response's start is held until its first body message: Serve's proxy forwards the replica's
+        messages in batches, and a replica that dies between the two leaves a start with no body, which
+        Serve ends by dropping the connection. Such an attempt has sent the client nothing yet, so it is
+        retried like one that sent no start at all.
+        """
         started = False
+        held: Message | None = None
 
         async def watch(message: Message) -> None:
-            nonlocal started
+            nonlocal started, held
             if message["type"] == "http.response.start":
-                started = True
                 if retries:
                     message = {**message, "headers": [*message.get("headers", []),
                                                       (RETRIES_HEADER, str(retries).encode())]}
+                held = message
+                return
+            if held is not None:
+                started = True
+                await send(held)
+                held = None
             await send(message)
 
         await self.app(dict(scope), _replay(chunks, receive, more=False, state=state), watch)
