@@ -7,3 +7,6 @@ LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 # The training losses' softmax pools (speeder.loop.loss_pool_inputs, trainer.loss_pool).
 LOSS_POOLS = ("catalog", "sampled", "candidates")
 SAMPLED_NEGATIVES = 256  # negatives drawn per step by the sampled softmax (trainer.sampled_negatives)
+
+# Learning-rate schedules within a training stage (speeder.loop.lr_factor, trainer.lr_schedule).
+LR_SCHEDULES = ("constant", "cosine")

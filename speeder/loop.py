@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from speeder.defaults import LOSS_POOLS, SAMPLED_NEGATIVES
+from speeder.defaults import LOSS_POOLS, LR_SCHEDULES, SAMPLED_NEGATIVES
 from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
 from speeder.mrc import ItemFeatures
 from speeder.prompt import PAD_ITEM, pad_histories
@@ -90,6 +90,35 @@ class NegativeCache:
             module.train(was_training)
             self.refreshed_at = step
         return self.table
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.0) -> float:
+    """The multiplier of every parameter group's base lr at optimizer step `step` (0-based) of a stage's `total`.
+
+    constant: 1 throughout. cosine: a linear warmup over the first `warmup` share of the steps (1/w, 2/w, ...,
+    1), then a half cosine from 1 towards 0: the k-th of the D steps after warmup gets (1 + cos(pi k / D)) / 2,
+    so no step is wasted at lr 0. Steps past `total` (a stage that ran longer than planned) keep the last
+    step's value. Stateless: a run resumed at step s gets the lr it would have had.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {LR_SCHEDULES}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"lr warmup share {warmup}: must be in [0, 1)")
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    step = min(max(step, 0), total - 1)
+    warm = int(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + float(np.cos(np.pi * (step - warm) / (total - warm))))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to its base lr x `factor`; the base is the lr a group had when first set (kept
+    in the group as "initial_lr", the key torch's schedulers use, so it travels in optimizer checkpoints)."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -208,14 +237,21 @@ def evaluate(model: nn.Module, samples: Samples, features: ItemFeatures, active:
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Samples, features: ItemFeatures,
         active: Iterable[str], *, epochs: int, batch_size: int, seed: int = 0, loss_pool: str = "catalog",
         log_every: int = 50, max_steps: int | None = None, negative_cache_steps: int = 0,
-        teacher: nn.Module | None = None, negatives: int = SAMPLED_NEGATIVES) -> list[dict[str, float]]:
-    """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput."""
+        teacher: nn.Module | None = None, negatives: int = SAMPLED_NEGATIVES,
+        lr_at: Callable[[int], float] | None = None) -> list[dict[str, float]]:
+    """Plain single-process training for `epochs`; returns per-epoch mean losses and throughput.
+
+    lr_at: step (0-based, this call's) -> the factor of every group's base lr for that step (see `lr_factor`);
+    None leaves the optimizer's lr as it is.
+    """
     history = []
     step = 0
     cache = NegativeCache(negative_cache_steps)
     for epoch in range(epochs):
         t0, losses, seen = time.perf_counter(), [], 0
         for batch in train.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
+            if lr_at is not None:
+                set_lr(optimizer, lr_at(step))
             out = train_step(model, optimizer, batch, features, active, step=step, seed=seed, loss_pool=loss_pool,
                              cache=cache, teacher=teacher, negatives=negatives)
             losses.append(out["loss"])

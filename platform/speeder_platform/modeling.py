@@ -93,9 +93,10 @@ def build_from_config(model: ModelConfig, feature_dims: dict[str, int], seed: in
 
 
 def describe_groups(groups: list[dict]) -> list[dict]:
-    """Optimizer parameter groups as plain data: name, parameter count, lr, weight decay (recorded by the
-    trainer in checkpoints and by the quality bench in its results, so the two can be compared)."""
-    return [{"name": g["name"], "params": sum(p.numel() for p in g["params"]), "lr": g["lr"],
+    """Optimizer parameter groups as plain data: name, parameter count, base lr (before trainer.lr_schedule),
+    weight decay (recorded by the trainer in checkpoints and by the quality bench in its results, so the two
+    can be compared)."""
+    return [{"name": g["name"], "params": sum(p.numel() for p in g["params"]), "lr": g.get("initial_lr", g["lr"]),
              "weight_decay": g["weight_decay"]} for g in groups]
 
 

@@ -26,6 +26,8 @@ def test_defaults_and_dotlist_overrides() -> None:
         (["model.modalities=[text,smell]"], "model.modalities[1]"),
         (["trainer.loss_pool=inbatch"], "trainer.loss_pool"),
         (["trainer.sampled_negatives=0"], "trainer.sampled_negatives"),
+        (["trainer.lr_schedule=linear"], "trainer.lr_schedule"),
+        (["trainer.lr_warmup=1.0"], "trainer.lr_warmup"),
         (["trainer.loss_pool=sampled", "model.distill_weight=0.5"], "trainer.loss_pool"),
     ],
 )

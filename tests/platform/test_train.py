@@ -11,6 +11,7 @@ import time
 import pytest
 
 from speeder.checkpoint import read_meta
+from speeder.loop import lr_factor
 from speeder_platform import storage
 from speeder_platform.train.driver import run_training
 from speeder_platform.trained import final_checkpoint, load_trained, run_uri
@@ -40,7 +41,9 @@ def test_deepspeed_zero2_trains_a_stage_and_a_ddp_rerun_with_more_stages_skips_i
                                                                                  caplog) -> None:
     # Two workers with DeepSpeed ZeRO-2 (gloo): the GPU strategy's code path, on CPU. Two DDP workers
     # train in tests/platform/test_multinode.py (on one node and across two).
-    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2")
+    # A cosine lr schedule: DeepSpeed's optimizer must take the lr set on its groups at every step.
+    cfg = config(tmp_path, dataset, "trainer.num_workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2",
+                 "trainer.lr_schedule=cosine", "trainer.lr_warmup=0.2")
     local_checkpoints = set(pathlib.Path(tempfile.gettempdir()).glob("speeder-ckpt-*"))
     summary = run_training(cfg)
     # Each epoch's checkpoint is written to a local folder, copied to storage, and the local folder removed.
@@ -51,6 +54,10 @@ def test_deepspeed_zero2_trains_a_stage_and_a_ddp_rerun_with_more_stages_skips_i
     meta = checkpoint_meta(summary.checkpoint, tmp_path)
     assert meta["strategy"] == "deepspeed" and meta["stage"] == 1 and meta["modalities"] == ["text"]
     assert meta["train_state"]["step"] > 0
+    total = meta["train_state"]["step"]  # one epoch, no early stop: the stage's planned steps
+    curve = meta["train_state"]["loss_curve"]
+    assert [p["lr_factor"] for p in curve] == [lr_factor("cosine", p["step"] - 1, total, 0.2) for p in curve]
+    assert curve[-1]["lr_factor"] < 0.5
     trained = load_trained(summary.checkpoint)
     assert trained.model.settings.max_history == 8
     # One recipe: the quality bench, given the same config, builds exactly the trainer's optimizer groups.

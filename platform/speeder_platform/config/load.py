@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from speeder.defaults import LOSS_POOLS
+from speeder.defaults import LOSS_POOLS, LR_SCHEDULES
 from speeder_platform.config.schema import PREPARE_SOURCES, STEPS, ConfigError, SpeederConfig
 
 
@@ -81,6 +81,9 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
                           "gradients partitioned; the trainable part, LoRA and MRC, is small)")
     _choice("trainer.zero_stage", t.zero_stage, (1, 2))
     _choice("trainer.loss_pool", t.loss_pool, LOSS_POOLS)
+    _choice("trainer.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    if not 0.0 <= t.lr_warmup < 1.0:
+        raise ConfigError(f"trainer.lr_warmup: a share of each stage's steps in [0, 1), got {t.lr_warmup}")
     _positive("trainer.sampled_negatives", t.sampled_negatives)
     if cfg.model.distill_weight and t.loss_pool != "catalog":
         raise ConfigError(f"trainer.loss_pool: model.distill_weight > 0 needs the catalog softmax (the teacher scores "

@@ -29,7 +29,9 @@ from speeder.loop import (
     Samples,
     catalog_tokens,
     loss_pool_inputs,
+    lr_factor,
     rank_targets,
+    set_lr,
     teacher_scores,
     train_step,
 )
@@ -320,7 +322,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         teacher = sequence_encoder_from(features_folder(cfg.data.uri, cfg.featurize.name)).to(device)
 
     # Loop state, saved in every checkpoint; "resumes" counts restarts from this stage's own checkpoints.
-    # loss_curve: the mean training loss of every log_every steps, [{"step", "loss"}], for the report.
+    # loss_curve: the mean training loss of every log_every steps and the lr factor of its last step (the
+    # stage's trainer.lr_schedule), [{"step", "loss", "lr_factor"}], for the report.
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": -1.0, "bad_epochs": 0, "resumes": 0,
              "loss_curve": []}
     engine = _restore(model, groups, strategy, cfg, device, stage, state, features_set, loop_config, rank)
@@ -355,6 +358,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
             if i < state["step_in_epoch"]:
                 continue  # resumed mid-epoch: these batches were already trained on
+            # The stage's lr schedule, from the step alone: a resumed run continues where it stopped.
+            factor = lr_factor(t.lr_schedule, state["step"], steps_per_epoch * t.epochs, t.lr_warmup)
+            set_lr(engine.optimizer, factor)
             out = engine.step(_batch_tensors(raw, cfg.model.max_history), features, active, step=state["step"],
                               seed=t.seed, loss_pool=t.loss_pool, negatives=t.sampled_negatives,
                               teacher=teacher)
@@ -363,8 +369,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen += t.batch_size * world
             losses.append(out["loss"])
             if state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch:
-                state["loss_curve"].append({"step": state["step"],
-                                            "loss": float(np.mean(losses[-t.log_every:]))})
+                state["loss_curve"].append({"step": state["step"], "loss": float(np.mean(losses[-t.log_every:])),
+                                            "lr_factor": factor})
             if rank == 0 and (state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch):
                 _log_progress(stage, cfg, epoch, i, steps_per_epoch, losses, out, seen, t0, world)
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from speeder.loop import Samples, evaluate, fit
+from speeder.loop import Samples, evaluate, fit, lr_factor, set_lr
 from speeder.model import build_model
 from speeder.mpo import STAGES, apply_stage, plan_stages
 from speeder.mrc import ItemFeatures
@@ -215,3 +215,43 @@ def test_sequence_dropout_hides_seq_emb_of_items_that_keep_another_modality(feat
     assert torch.equal(dropped.text, partly.text) and torch.equal(dropped.sequence, partly.sequence)
     with pytest.raises(ValueError, match="sequence_dropout"):
         tiny_settings(features, sequence_dropout=1.0)
+
+
+def test_lr_schedule_warms_up_then_decays_and_is_a_function_of_the_step() -> None:
+    assert [lr_factor("constant", s, 10) for s in range(12)] == [1.0] * 12
+    cosine = [lr_factor("cosine", s, 20, warmup=0.1) for s in range(20)]
+    assert cosine[:3] == [0.5, 1.0, 1.0]  # two warmup steps, then the cosine from 1
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False))  # strictly falling after warmup
+    assert 0.0 < cosine[-1] < 0.01  # towards 0, no step wasted at 0
+    assert lr_factor("cosine", 25, 20, warmup=0.1) == cosine[-1]  # past the plan: the last value
+    assert lr_factor("cosine", 0, 20) == 1.0  # no warmup
+    with pytest.raises(ValueError, match="linear"):
+        lr_factor("linear", 0, 10)
+    with pytest.raises(ValueError, match="warmup"):
+        lr_factor("cosine", 0, 10, warmup=1.0)
+
+
+def test_fit_trains_at_the_scheduled_lr(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features), seed=0)
+    groups = apply_stage(model, STAGES[1], lr=1e-2, lora_lr=1e-2)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, features.num_items, 8).tolist()
+    samples = Samples.from_rows([rng.integers(0, features.num_items, 4).tolist() for _ in range(8)], targets,
+                                [[t, *rng.integers(0, features.num_items, 4).tolist()] for t in targets],
+                                max_history=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen = []
+    # Factor 0 at every step: AdamW without weight decay then moves nothing.
+    fit(model, opt, samples, features, STAGES[1].modalities, epochs=1, batch_size=4, loss_pool="candidates",
+        log_every=0, lr_at=lambda step: seen.append(step) or 0.0)
+    assert seen == [0, 1]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert [g["lr"] for g in opt.param_groups] == [0.0] * len(groups)
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-2] * len(groups)  # the base survives
+    fit(model, opt, samples, features, STAGES[1].modalities, epochs=1, batch_size=4, loss_pool="candidates",
+        log_every=0, lr_at=lambda step: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [5e-3] * len(groups)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    set_lr(opt, 1.0)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2] * len(groups)

@@ -20,12 +20,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from speeder.loop import Samples, evaluate, fit
+from speeder.loop import Samples, evaluate, fit, lr_factor
 from speeder.mpo import Stage, plan_stages
 from speeder.mrc import ItemFeatures
 from speeder_platform.config import ModelConfig, SpeederConfig, load_config
@@ -92,6 +93,10 @@ def valid_subset(valid: Samples, users: int, seed: int) -> Samples:
     return valid.subset(np.sort(np.random.default_rng([seed, 5]).choice(len(valid), users, replace=False)))
 
 
+def _stage_lr(step: int, *, t: Any, offset: int, total: int) -> float:
+    return lr_factor(t.lr_schedule, offset + step, total, t.lr_warmup)
+
+
 def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, features: ItemFeatures, steps: int,
                  cfg: SpeederConfig, curve_points: int, teacher: Any = None) -> tuple[list[dict[str, float]],
                                                                                       list[dict]]:
@@ -109,9 +114,11 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
     curve = []
     for c in range(len(bounds) - 1):
         chunk = train.subset(order[bounds[c] * bs:bounds[c + 1] * bs])
+        # The trainer's schedule over the stage's steps (this chunk starts at step bounds[c]).
+        lr_at = partial(_stage_lr, t=t, offset=int(bounds[c]), total=steps)
         epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=t.seed * 1000 + c,
                     loss_pool=t.loss_pool, log_every=0, negative_cache_steps=t.negative_cache_steps,
-                    teacher=teacher, negatives=t.sampled_negatives)[0]
+                    teacher=teacher, negatives=t.sampled_negatives, lr_at=lr_at)[0]
         curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])

@@ -52,12 +52,15 @@ def budget_text(ds: dict[str, Any]) -> str:
              else "fresh tokens for every item at every step")
     steps = ", ".join(f"stage {k}: {v}" for k, v in ds["steps"].items())
     overrides = f" with {' '.join(ds['overrides'])}" if ds.get("overrides") else ""
+    schedule = t.get("lr_schedule", "constant")  # results written before the key existed had a constant lr
+    schedule = (f"cosine lr per stage after {t.get('lr_warmup', 0):.0%} warmup" if schedule == "cosine"
+                else f"{schedule} lr")
     return (f"Recipe: `{ds['spec']}`{overrides} (its model and trainer settings, the trainer's code). Backbone "
             f"{ds['backbone']}{layers} with LoRA for Speeder and the multi-token baseline, torch threads "
             f"{ds['threads']}. Speeder: optimiser steps of batch {t['batch_size']} per MPO stage ({steps}), fresh "
             f"samples per stage; every variant gets that total, spread over the stages it runs (no MPO, text only: "
             f"all in one stage) ({t['loss_pool']} softmax, {cache}, lr {t['lr']:g}, LoRA lr {t['lora_lr']:g}, "
-            f"vision gate lr x{t['gate_lr_scale']:g}); stage-end validation on "
+            f"vision gate lr x{t['gate_lr_scale']:g}, {schedule}); stage-end validation on "
             f"{b['valid_users'] or 'all'} valid users. Multi-token baseline: {b['llara_steps']} steps of batch "
             f"{b['llara_batch_size']} (teacher forcing on candidate prompts), evaluated on "
             f"{b['llara_eval_users'] or 'all'} seeded test users (generation; no full-ranking figure). SASRec: "

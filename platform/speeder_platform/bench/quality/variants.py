@@ -28,6 +28,7 @@ VARIANTS: dict[str, list[str]] = {
     "residual readout + warm content 0.1": ["model.residual_readout=true", "model.content_mix=0.1"],
     "+ SASRec distillation": ["model.distill_weight=1.0", "trainer.loss_pool=catalog"],  # needs every item's score
     "catalog softmax": ["trainer.loss_pool=catalog"],  # every item's token with gradients each step (the demo samples)
+    "constant lr": ["trainer.lr_schedule=constant", "trainer.lr_warmup=0"],  # the recipe decays lr per stage
     "no PPT": ["model.ppt_lambda=0"],
     "no PPL": ["model.use_ppl=false"],
     "no MPO": ["model.use_mpo=false"],
