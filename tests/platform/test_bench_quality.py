@@ -11,7 +11,7 @@ import torch
 
 from speeder import schema
 from speeder.baselines.popularity import Popularity
-from speeder.loop import Samples
+from speeder.loop import Samples, lr_factor
 from speeder_platform import cli, storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
 from speeder_platform.bench.quality import data as quality_data
@@ -151,6 +151,12 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     assert [s["steps"] for s in ds["curves"]["text only"]] == [9]
     assert [s["steps"] for s in ds["curves"]["no vision"]] == [4, 5]
     assert [s["steps"] for s in ds["curves"]["no sequence"]] == [4, 5]  # text + vision: stages 1 and 2
+    # The trainer's lr schedule, read back from the optimizer after each step: per stage, cosine by default.
+    for stage in ds["curves"]["Speeder"] + ds["curves"]["no vision"]:
+        assert [p["lr_factor"] for p in stage["curve"]] == pytest.approx(
+            [lr_factor("cosine", p["step"] - 1, stage["steps"], 0.05) for p in stage["curve"]])
+    assert ds["curves"]["Speeder"][0]["curve"][-1]["lr_factor"] < 0.5
+    assert {p["lr_factor"] for s in ds["curves"]["constant lr"] for p in s["curve"]} == {1.0}
     cold = ds["cold_start"]
     assert cold["held_out_items"] == 5 and cold["test_cold"] + cold["test_warm"] == ds["data"]["test"]
     assert set(cold["models"]) == {"Speeder", "Speeder, content tokens only (text + vision)", "SASRec", "Popularity"}

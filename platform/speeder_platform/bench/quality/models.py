@@ -119,7 +119,9 @@ def _train_stage(model: Any, stage: Stage, active: list[str], train: Samples, fe
         epoch = fit(model, optimizer, chunk, features, active, epochs=1, batch_size=bs, seed=t.seed * 1000 + c,
                     loss_pool=t.loss_pool, log_every=0, negative_cache_steps=t.negative_cache_steps,
                     teacher=teacher, negatives=t.sampled_negatives, lr_at=lr_at)[0]
-        curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"]})
+        first = optimizer.param_groups[0]  # the lr its last step used, over the group's base: the schedule's factor
+        curve.append({"step": int(bounds[c + 1]), "loss": epoch["loss"], "samples_per_s": epoch["samples_per_s"],
+                      "lr_factor": first["lr"] / first.get("initial_lr", first["lr"])})
         log.info("  stage %d (%s) step %d/%d loss %.4f (%.1f samples/s)", stage.index, stage.name, bounds[c + 1],
                  steps, epoch["loss"], epoch["samples_per_s"])
     return curve, describe_groups(groups)
