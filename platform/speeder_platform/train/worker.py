@@ -271,15 +271,16 @@ def _worker_nodes(world: int) -> list[str]:
 
 
 def _log_progress(stage: Stage, cfg, epoch: int, i: int, steps_per_epoch: int, losses: list[float],
-                  out: dict[str, float], seen: int, t0: float, world: int) -> None:
-    """One progress line: losses over the last log_every steps, samples/s and the stage's ETA."""
+                  out: dict[str, float], seen: int, t0: float, world: int, lr: float) -> None:
+    """One progress line: losses over the last log_every steps, the lr factor (trainer.lr_schedule), samples/s
+    and the stage's ETA."""
     t = cfg.trainer
     rate = seen / max(time.perf_counter() - t0, 1e-9)
     left = (steps_per_epoch * t.epochs - (epoch * steps_per_epoch + i + 1)) * t.batch_size * world / max(rate, 1e-9)
-    log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f dense %.4f ppt %.4f | "
+    log.info("stage %d (%s) epoch %d/%d step %d/%d loss %.4f rec %.4f dense %.4f ppt %.4f | lr x%.3f | "
              "%.1f samples/s | ETA %s", stage.index, stage.name, epoch + 1, t.epochs, i + 1,
              steps_per_epoch, np.mean(losses[-t.log_every:]), out["rec_loss"], out["dense_loss"],
-             out["ppt_loss"], rate, _format_eta(left))
+             out["ppt_loss"], lr, rate, _format_eta(left))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -372,7 +373,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state["loss_curve"].append({"step": state["step"], "loss": float(np.mean(losses[-t.log_every:])),
                                             "lr_factor": factor})
             if rank == 0 and (state["step"] % t.log_every == 0 or i + 1 == steps_per_epoch):
-                _log_progress(stage, cfg, epoch, i, steps_per_epoch, losses, out, seen, t0, world)
+                _log_progress(stage, cfg, epoch, i, steps_per_epoch, losses, out, seen, t0, world, factor)
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                 report({METRIC: -1.0, "train_loss": float(np.mean(losses))}, with_checkpoint=True)
         metrics = validate(engine.module, valid, features, active, t.eval_batch_size, rank, world)
