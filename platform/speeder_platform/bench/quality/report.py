@@ -52,9 +52,9 @@ def budget_text(ds: dict[str, Any]) -> str:
              else "fresh tokens for every item at every step")
     steps = ", ".join(f"stage {k}: {v}" for k, v in ds["steps"].items())
     overrides = f" with {' '.join(ds['overrides'])}" if ds.get("overrides") else ""
-    schedule = t.get("lr_schedule", "constant")  # results written before the key existed had a constant lr
-    schedule = (f"cosine lr per stage after {t.get('lr_warmup', 0):.0%} warmup" if schedule == "cosine"
-                else f"{schedule} lr")
+    lr_schedule = t.get("lr_schedule", "constant")  # results written before the key existed had a constant lr
+    schedule = (f"cosine lr per stage after {t.get('lr_warmup', 0):.0%} warmup" if lr_schedule == "cosine"
+                else f"{lr_schedule} lr")
     return (f"Recipe: `{ds['spec']}`{overrides} (its model and trainer settings, the trainer's code). Backbone "
             f"{ds['backbone']}{layers} with LoRA for Speeder and the multi-token baseline, torch threads "
             f"{ds['threads']}. Speeder: optimiser steps of batch {t['batch_size']} per MPO stage ({steps}), fresh "
