@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from speeder.defaults import LOSS_POOLS, LR_SCHEDULES, SAMPLED_NEGATIVES
-from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
+from speeder.metrics import candidate_metrics, concat_ranks, first_choice, full_ranking_metrics, target_rank
 from speeder.mrc import ItemFeatures
 from speeder.prompt import PAD_ITEM, pad_histories
 
@@ -196,10 +196,12 @@ def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *
 
     item_table: the catalog's tokens made with the `active` modalities (None: all of the model's).
     Full ranking masks the user's history items (the target itself is never masked).
+    -> {"candidates": (S,) ranks, "first": (S,) the position in its candidate list of the candidate each sample
+    ranks first (-1 for a tied first place; the target is ranked 0 exactly there), "full": (S,) ranks when `full`}.
     """
     model.eval()
     device = item_table.device
-    cand_ranks, full_ranks = [], []
+    cand_ranks, firsts, full_ranks = [], [], []
     for batch in samples.batches(batch_size):
         history = batch["history"].to(device)
         target = batch["target"].to(device)
@@ -207,6 +209,7 @@ def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *
         u, _, _ = model.user_vectors(history, item_table, active)
         cand_scores = model.item_scores(u, item_table[cands])  # (B, C)
         cand_ranks.append(target_rank(cand_scores, (cands == target.unsqueeze(1)).long().argmax(1)).cpu())
+        firsts.append(first_choice(cand_scores).cpu())
         if full:
             scores = model.item_scores(u, item_table)  # (B, N)
             if mask_history:
@@ -215,9 +218,9 @@ def rank_targets(model: nn.Module, samples: Samples, item_table: torch.Tensor, *
                 rows, cols = torch.nonzero(hist >= 0, as_tuple=True)
                 scores[rows, hist[rows, cols]] = float("-inf")
             full_ranks.append(target_rank(scores, target).cpu())
-    out = {"candidates": torch.cat(cand_ranks).numpy() if cand_ranks else np.zeros(0, np.int64)}
+    out = {"candidates": concat_ranks(cand_ranks), "first": concat_ranks(firsts)}
     if full:
-        out["full"] = torch.cat(full_ranks).numpy() if full_ranks else np.zeros(0, np.int64)
+        out["full"] = concat_ranks(full_ranks)
     return out
 
 

@@ -27,6 +27,22 @@ def target_rank(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tenso
     return (higher + ties).long()
 
 
+def first_choice(scores: torch.Tensor) -> torch.Tensor:
+    """The position of each row's highest score, or -1 where that score is tied (B, C) -> (B,) int64.
+
+    The rule of `target_rank`: a tied first place is no one's, so a target is ranked 0 exactly when it is the
+    row's first choice.
+    """
+    top = scores.max(dim=1, keepdim=True).values  # (B, 1)
+    unique = (scores == top).sum(dim=1) == 1
+    return torch.where(unique, scores.argmax(dim=1), torch.full_like(unique, -1, dtype=torch.long))
+
+
+def concat_ranks(parts: list[torch.Tensor]) -> np.ndarray:
+    """Per-batch int tensors (B_i,) -> one int64 array (sum B_i,) on the CPU (empty for no batches)."""
+    return torch.cat([p.cpu() for p in parts]).numpy().astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def _ranks(ranks: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(ranks, torch.Tensor):
         ranks = ranks.detach().cpu().numpy()
@@ -118,8 +134,17 @@ def paired_difference(ranks_a: Sequence[int] | np.ndarray | torch.Tensor,
     a, b = _ranks(ranks_a), _ranks(ranks_b)
     if a.shape != b.shape:
         raise ValueError(f"paired ranks of different lengths: {a.size} and {b.size}")
+    return paired_mean_difference(((a >= 0) & (a < k)).astype(float), ((b >= 0) & (b < k)).astype(float))
+
+
+def paired_mean_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """mean(a - b) over the same samples (S,) and the half-width of its 95% interval, 1.96 sd(a - b) / sqrt(S)
+    (0, 0 for no samples)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values of different lengths: {a.size} and {b.size}")
     if not a.size:
         return 0.0, 0.0
-    diff = ((a >= 0) & (a < k)).astype(float) - ((b >= 0) & (b < k)).astype(float)  # (S,) in {-1, 0, 1}
+    diff = a - b  # (S,)
     half = 1.96 * diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else 0.0
     return float(diff.mean()), float(half)

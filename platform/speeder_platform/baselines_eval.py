@@ -23,7 +23,7 @@ import torch
 from speeder import schema
 from speeder.baselines.popularity import Popularity
 from speeder.loop import Samples
-from speeder.metrics import candidate_metrics, full_ranking_metrics, target_rank
+from speeder.metrics import candidate_metrics, concat_ranks, first_choice, full_ranking_metrics, target_rank
 from speeder_platform import storage
 
 log = logging.getLogger("speeder.baselines")
@@ -42,24 +42,26 @@ def rank_with(scorer: CatalogScorer, samples: Samples, *, batch_size: int = 256,
               full: bool = True) -> dict[str, np.ndarray]:
     """Ranks of each target among its candidates and (if `full`) the whole catalog, history masked.
 
-    The same rule as `speeder.loop.rank_targets`: a history item is scored -inf unless it is the target.
+    The same rule and output as `speeder.loop.rank_targets` (with "first", the position of the candidate
+    ranked first): a history item is scored -inf unless it is the target.
     """
-    cand_ranks, full_ranks = [], []
+    cand_ranks, firsts, full_ranks = [], [], []
     with torch.no_grad():
         for batch in samples.batches(batch_size):
             history, target, cands = batch["history"], batch["target"], batch["candidates"]
             scores = scorer(history).float()  # (B, N)
             cand_scores = scores.gather(1, cands)  # (B, C)
             cand_ranks.append(target_rank(cand_scores, (cands == target[:, None]).long().argmax(1)))
+            firsts.append(first_choice(cand_scores))
             if full:
                 hist = history.clone()
                 hist[hist == target[:, None]] = -1
                 rows, cols = torch.nonzero(hist >= 0, as_tuple=True)
                 scores[rows, hist[rows, cols]] = float("-inf")
                 full_ranks.append(target_rank(scores, target))
-    out = {"candidates": torch.cat(cand_ranks).numpy() if cand_ranks else np.zeros(0, np.int64)}
+    out = {"candidates": concat_ranks(cand_ranks), "first": concat_ranks(firsts)}
     if full:
-        out["full"] = torch.cat(full_ranks).numpy() if full_ranks else np.zeros(0, np.int64)
+        out["full"] = concat_ranks(full_ranks)
     return out
 
 

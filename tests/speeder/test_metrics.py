@@ -13,6 +13,15 @@ def test_target_rank_counts_ties_against_the_model() -> None:
     assert ranks.tolist() == [0, 2, 2]
 
 
+def test_first_choice_is_the_unique_top_and_agrees_with_target_rank() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0], [3.0, 2.0, 3.0], [0.0, 2.0, 1.0]])
+    first = metrics.first_choice(scores)
+    assert first.tolist() == [1, -1, -1, 1]  # a tied first place is no one's
+    for target in range(3):  # rank 0 exactly when the target is the first choice
+        ranks = metrics.target_rank(scores, torch.full((4,), target))
+        assert ((ranks == 0) == (first == target)).all(), target
+
+
 def test_hand_computed_values() -> None:
     ranks = [0, 1, 4, 12, -1]  # -1: an invalid answer
     assert metrics.hit_rate(ranks, 1) == pytest.approx(1 / 5)
@@ -53,3 +62,9 @@ def test_paired_difference_and_its_interval() -> None:
     assert metrics.paired_difference(a, a) == (0.0, 0.0)  # a model against itself: no difference, no doubt
     with pytest.raises(ValueError, match="different lengths"):
         metrics.paired_difference([0], [0, 1])
+    values = np.array([0.5, 0.0, 1.0, 0.25])
+    mean, half = metrics.paired_mean_difference(values, np.zeros(4))
+    assert mean == pytest.approx(values.mean()) and half == pytest.approx(1.96 * values.std(ddof=1) / 2)
+    assert metrics.paired_mean_difference(np.zeros(0), np.zeros(0)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different lengths"):
+        metrics.paired_mean_difference(np.zeros(1), np.zeros(2))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from speeder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from speeder.loop import Samples, evaluate, fit, lr_factor, set_lr
+from speeder.loop import Samples, catalog_tokens, evaluate, fit, lr_factor, rank_targets, set_lr
 from speeder.model import build_model
 from speeder.mpo import STAGES, apply_stage, plan_stages
 from speeder.mrc import ItemFeatures
@@ -100,6 +100,9 @@ def test_tiny_model_overfits_a_small_dataset() -> None:
     fit(model, opt, train, features, ALL, epochs=12, batch_size=32, log_every=0)
     metrics = evaluate(model, train, features, ALL)
     assert metrics["cand_hr@1"] > 0.9, metrics
+    ranks = rank_targets(model, train, catalog_tokens(model, features, ALL), active=ALL)
+    target_pos = (train.candidates == train.target[:, None]).argmax(1)  # (S,)
+    assert ((ranks["candidates"] == 0) == (ranks["first"] == target_pos)).all()  # a hit is the first choice
 
 
 def test_candidate_loss_on_touched_items_matches_full_table(tiny_model, features) -> None:
