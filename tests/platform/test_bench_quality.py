@@ -82,7 +82,7 @@ def test_baseline_ranks_mask_history_but_never_the_target() -> None:
     pop = Popularity(6, np.array([5, 5, 5, 4, 4, 3]))  # counts: 5 -> 3, 4 -> 2, 3 -> 1, others 0
     samples = Samples.from_rows([[5], [5, 4, 3]], [4, 3], [[4, 0, 1], [3, 0, 1]], max_history=3)
     ranks = rank_with(popularity_scorer(pop), samples)
-    assert ranks["candidates"].tolist() == [0, 0]
+    assert ranks["candidates"].tolist() == [0, 0] and ranks["first"].tolist() == [0, 0]
     # User 0: item 5 (history) is masked, so 4 is first. User 1: 5 and 4 are masked, 3 is in the
     # history too but is the target (a re-consumed item), so it stays and comes first.
     assert ranks["full"].tolist() == [0, 0]
@@ -178,6 +178,11 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
         whole = by["successor_share"] * split["successor"] + (1 - by["successor_share"]) * split["other"]
         assert whole == pytest.approx(ds["models"][name]["metrics"]["cand_hr@1"]), name
         assert 0.0 <= split["in_top_other"] <= 1.0 and 0.0 <= split["in_top"] <= 1.0, name
+        assert 0.0 <= split["expected"] <= 1.0 and 0.0 <= split["expected_other"] <= 1.0, name
+        assert ("expected_vs_speeder" in split) == (name != "Speeder"), name
+    sasrec_vs = by["models"]["SASRec"]["expected_vs_speeder"]
+    assert sasrec_vs["mean"] == pytest.approx(by["models"]["SASRec"]["expected"] - by["models"]["Speeder"]["expected"])
+    assert "| expected HR@1 |" in md and f"{sasrec_vs['mean']:+.4f} +- {sasrec_vs['ci95']:.4f}" in md
     assert "HR@1 by kind of target" in md and "| the generator's odds (expected) |" in md
     for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
         assert (out / png).read_bytes()[:8] == PNG
@@ -214,56 +219,74 @@ def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
     assert "unknown variant or part: no such" in caplog.text
 
 
-def test_synthetic_truth_ranks_candidates_by_the_generators_odds(tmp_path) -> None:
+def test_synthetic_truth_replays_the_generators_odds(tmp_path, caplog) -> None:
     from speeder_platform.config import SyntheticConfig
-    from speeder_platform.data.synthetic import synthetic_catalog
+    from speeder_platform.data.synthetic import generate_users, next_item_odds, synthetic_catalog
+    from speeder_platform.tables import load_samples
 
-    data = prepare_synthetic(str(tmp_path / "syn"), num_users=60, num_items=120)
+    data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
     meta = storage.read_json(storage.join(data, schema.META_FILE))
-    truth = synthetic_catalog(SyntheticConfig(**meta["synthetic"]))
+    cfg = SyntheticConfig(**meta["synthetic"])
+    catalog = synthetic_catalog(cfg)
+    sequences, groups = generate_users(cfg, catalog)
+    assert meta["counts"]["interactions"] == sum(map(len, sequences))  # prepare kept every draw
+    test = load_samples(data, "test", 8)
+    got = synthetic_truth(data, test)
     items = storage.read_table(storage.join(data, schema.ITEMS_FILE)).to_pydict()
-    item_id = {int(s.split("-")[1]): i for i, s in zip(items[schema.ITEM_ID], items[schema.SOURCE_ID], strict=True)}
-    a = next(iter(item_id))
-    succ = int(truth.successor[a])
-    same = [g for g in item_id if truth.group[g] == truth.group[a] and g not in (a, succ)]
-    related = [g for g in item_id if truth.category[g] == truth.category[a] and truth.colour[g] != truth.colour[a]]
-    unrelated = [g for g in item_id if truth.category[g] != truth.category[a] and truth.colour[g] != truth.colour[a]]
-    s, m, r1, r2, u1, u2 = (item_id[g] for g in (succ, same[0], related[0], related[1], unrelated[0], unrelated[1]))
-    a = item_id[a]
-    samples = Samples.from_rows(
-        [[a], [a], [a], [a]],
-        [s, m, r1, u1],
-        [[s, m, r1, u1], [m, s, r1, u1], [r1, u1, r2, u2], [u1, r1, u2, r2]], max_history=4)
-    got = synthetic_truth(data, samples)
-    assert got.successor.tolist() == [True, False, False, False]
-    assert got.top.tolist() == [1, 1, 2, 2]  # the successor alone; the successor alone; r1, r2; r1, r2
-    assert got.target_on_top.tolist() == [True, False, True, False]
-    ceiling = got.ceiling()
-    assert ceiling["all"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    assert ceiling["successor"] == 1.0 and ceiling["other"] == pytest.approx(0.5 / 3)
-    assert ceiling["lottery_sd"] == pytest.approx(np.sqrt(0.25) / 4)
-    by = got.by_target(np.array([0, 0, 1, 3]))
-    assert by["successor"] == 1.0 and by["other"] == pytest.approx(1 / 3)
-    assert by["in_top"] == 1.0 and by["in_top_other"] == 1.0  # r1 within the first 2 places
-    worse = got.by_target(np.array([1, 0, 2, 0]))  # the successor second; r1 below an unrelated item
-    assert worse["in_top"] == 0.0 and worse["in_top_other"] == 0.0 and worse["other"] == pytest.approx(2 / 3)
+    gen = np.zeros(len(items[schema.ITEM_ID]), np.int64)
+    gen[items[schema.ITEM_ID]] = [int(s.split("-")[1]) for s in items[schema.SOURCE_ID]]
+    for s in range(len(test)):  # the test target is each user's last draw, with the odds it was drawn with
+        user = int(test.user_id[s])
+        assert gen[test.target[s]] == sequences[user][-1]
+        odds = next_item_odds(cfg, catalog, int(groups[user]), sequences[user][:-1])
+        np.testing.assert_allclose(got.odds[s], odds[gen[test.candidates[s]]])
+        assert got.odds[s, got.target[s]] > 0 and test.candidates[s][got.target[s]] == test.target[s]
+        succ = catalog.successor[sequences[user][-2]]
+        assert got.successor[s] == (succ == sequences[user][-1])
+    assert 0 < got.successor.mean() < 1
+    # expected hits: odds of the first choice over the candidates' odds; ranking by the odds is the ceiling
+    best = got.expected_hits(got.generator_first())
+    rng = np.random.default_rng(0)
+    for first in (rng.integers(0, test.candidates.shape[1], len(test)), got.target, np.full(len(test), -1)):
+        hits = got.expected_hits(first)
+        assert (hits <= best + 1e-12).all() and (hits >= 0).all()
+    np.testing.assert_allclose(got.expected_hits(got.target), got.odds[np.arange(len(test)), got.target]
+                               / got.odds.sum(1))
+    assert got.ceiling()["all"] == pytest.approx(best.mean()) and got.ceiling()["successor"] == 1.0
+    by = got.by_target(np.zeros(len(test), np.int64), got.target)  # a model that always names the target
+    assert by["successor"] == by["other"] == by["in_top"] == 1.0 and by["expected"] < 1.0
+    # another catalog's samples do not follow this generator's sequences
+    shuffled = Samples.from_rows([[int(test.target[0])]], [int(test.target[1])], [test.candidates[1].tolist()],
+                                 max_history=8, user_ids=[int(test.user_id[0])])
+    with pytest.raises(ValueError, match="not a stretch of the sequence"):
+        synthetic_truth(data, shuffled)
+    with pytest.raises(ValueError, match="needs each sample's user id"):
+        synthetic_truth(data, Samples.from_rows([[1]], [2], [[2, 3]], max_history=8))
     ml = tmp_path / "other"
     storage.write_json(str(ml / schema.META_FILE), {"source": "movielens-100k"})
-    assert synthetic_truth(str(ml), samples) is None
+    assert synthetic_truth(str(ml), test) is None
+    cut = prepare_synthetic(str(tmp_path / "cut"), num_users=40, num_items=50, kcore=9)  # drops short users
+    with caplog.at_level("WARNING"):
+        assert synthetic_truth(cut, load_samples(cut, "test", 8)) is None
+    assert "HR@1 by kind of target is left out" in caplog.text
 
 
-def test_preferred_group_is_found_from_its_related_draws_alone() -> None:
-    from speeder_platform.bench.quality.truth import preferred_group
-    from speeder_platform.data.synthetic import SyntheticCatalog
+def test_expected_hits_by_hand() -> None:
+    from speeder_platform.bench.quality.truth import SyntheticTruth
 
-    colours = 3  # groups: category * 3 + colour; the user's preferred group 4 = (category 1, colour 1)
-    category = np.array([1, 1, 1, 0, 2, 1])
-    colour = np.array([0, 0, 0, 1, 1, 2])
-    group = category * colours + colour  # items 0-2: group 3 (1, 0); 3: group 1; 4: group 7; 5: group 5
-    truth = SyntheticCatalog(category=category, colour=colour, group=group, successor=np.arange(6), titles=[],
-                             texts=[])
-    # a history cut past the preferred group's own items: a successor chain of 3 in the related group 3 (the
-    # most frequent group, which a count of groups would pick) and draws sharing its category or its colour
-    assert preferred_group(np.arange(6), truth, colours) == 4
-    assert preferred_group(np.array([0, 1]), truth, colours) == 3  # its own items only: that group
-    assert preferred_group(np.array([3, 4]), truth, colours) == 1  # a tie on both counts: the earliest seen
+    odds = np.array([[0.7, 0.1, 0.1, 0.0], [0.2, 0.2, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1]])
+    truth = SyntheticTruth(odds=odds, target=np.array([0, 1, 3]), successor_at=np.array([0, -1, -1]))
+    assert truth.successor.tolist() == [True, False, False]
+    assert truth.top.tolist() == [1, 2, 4] and truth.target_on_top.tolist() == [True, True, True]
+    np.testing.assert_allclose(truth.expected_hits(np.array([0, 2, -1])), [0.7 / 0.9, 0.1, 0.0])
+    np.testing.assert_allclose(truth.expected_hits(np.array([1, 0, 3])), [0.1 / 0.9, 0.4, 0.25])
+    # given that the target is not the successor: the successor's odds leave the candidates
+    np.testing.assert_allclose(truth.expected_hits(np.array([1, 0, 3]), not_successor=True), [0.5, 0.4, 0.25])
+    np.testing.assert_allclose(truth.expected_hits(np.array([0, 0, 3]), not_successor=True), [0.0, 0.4, 0.25])
+    ceiling = truth.ceiling()
+    assert ceiling["all"] == pytest.approx((0.7 / 0.9 + 0.4 + 0.25) / 3)
+    assert ceiling["successor"] == 1.0 and ceiling["other"] == pytest.approx((0.4 + 0.25) / 2)
+    by = truth.by_target(np.array([0, 2, 0]), np.array([0, 2, 3]))
+    assert by["in_top"] == pytest.approx(2 / 3) and by["in_top_other"] == pytest.approx(1 / 2)
+    assert by["expected"] == pytest.approx((0.7 / 0.9 + 0.1 + 0.25) / 3)
+    assert by["expected_other"] == pytest.approx((0.1 + 0.25) / 2)

@@ -148,16 +148,20 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, seen: np.ndarray) -> int |
 
 def user_sequences(cfg: SyntheticConfig, catalog: SyntheticCatalog) -> list[list[int]]:
     """Item indices per user, in time order (see the module docstring for the rule)."""
+    return generate_users(cfg, catalog)[0]
+
+
+def generate_users(cfg: SyntheticConfig, catalog: SyntheticCatalog) -> tuple[list[list[int]], np.ndarray]:
+    """-> each user's item indices in time order, and (U,) each user's preferred group: the generator's truth
+    about every user (module docstring); `next_item_odds` gives the odds each draw was made with."""
     rng = np.random.default_rng([cfg.seed, 2])
     everything = np.arange(cfg.num_items)
     group = catalog.group
     groups = np.unique(group)  # fewer items than groups leaves some empty
-    sequences = []
+    sequences, chosen = [], []
     for _ in range(cfg.num_users):
         g = int(groups[rng.integers(len(groups))])
-        category, colour = divmod(g, cfg.num_colors)
-        preferred = np.flatnonzero(group == g)
-        related = np.flatnonzero((catalog.category == category) | (catalog.colour == colour))
+        preferred, related = _pools(cfg, catalog, g)
         length = min(int(rng.integers(cfg.min_length, cfg.max_length + 1)), cfg.num_items)
         seen = np.zeros(cfg.num_items, bool)
         items: list[int] = []
@@ -175,7 +179,40 @@ def user_sequences(cfg: SyntheticConfig, catalog: SyntheticCatalog) -> list[list
             seen[nxt] = True
             items.append(nxt)
         sequences.append(items)
-    return sequences
+        chosen.append(g)
+    return sequences, np.asarray(chosen, np.int64)
+
+
+def _pools(cfg: SyntheticConfig, catalog: SyntheticCatalog, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """A group's items and its related pool (every item sharing its category or its colour)."""
+    category, colour = divmod(group, cfg.num_colors)
+    return (np.flatnonzero(catalog.group == group),
+            np.flatnonzero((catalog.category == category) | (catalog.colour == colour)))
+
+
+def next_item_odds(cfg: SyntheticConfig, catalog: SyntheticCatalog, group: int, prefix: list[int]) -> np.ndarray:
+    """The exact probability of each item (N,) being drawn next by a user of preferred `group` after the items
+    `prefix` (all of them, oldest first): the rule of `generate_users` written as odds. Seen items get 0.
+
+    NOISE spread over the unseen items; markov_strength on the last item's successor if it is unseen; the rest
+    spread over the first pool with unseen items among the preferred group, its related pool and everything.
+    """
+    seen = np.zeros(cfg.num_items, bool)
+    seen[list(prefix)] = True
+    odds = np.zeros(cfg.num_items)
+    if seen.all():
+        return odds
+    odds[~seen] += NOISE / (~seen).sum()
+    rest = 1.0 - NOISE
+    if prefix and not seen[catalog.successor[prefix[-1]]]:
+        odds[catalog.successor[prefix[-1]]] += cfg.markov_strength
+        rest -= cfg.markov_strength
+    for pool in (*_pools(cfg, catalog, group), np.arange(cfg.num_items)):
+        free = pool[~seen[pool]]
+        if len(free):
+            odds[free] += rest / len(free)
+            break
+    return odds
 
 
 def load_synthetic(cfg: SyntheticConfig) -> RawDataset:

@@ -15,7 +15,9 @@ from speeder_platform.data.prepare import prepare_config_from_args, prepare_data
 from speeder_platform.data.synthetic import (
     colour_names,
     colour_rgb,
+    generate_users,
     item_source_id,
+    next_item_odds,
     synthetic_catalog,
     user_sequences,
 )
@@ -97,6 +99,32 @@ def test_successor_rule_is_visible_in_sequences() -> None:
     prev = np.concatenate([s[:-1] for s in weak])
     nxt = np.concatenate([s[1:] for s in weak])
     assert (catalog.successor[prev] == nxt).mean() < follows - 0.25
+
+
+def test_next_item_odds_are_the_odds_the_generator_draws_with() -> None:
+    """Every draw had positive odds, the odds are a distribution over the unseen items, and over all draws the
+    expected counts (successor, preferred group, related pool) match the counts drawn."""
+    cfg = SyntheticConfig(num_users=300, markov_strength=0.7)
+    catalog = synthetic_catalog(cfg)
+    sequences, groups = generate_users(cfg, catalog)
+    assert sequences == user_sequences(cfg, catalog) and groups.shape == (300,)
+    expected, drawn = np.zeros(3), np.zeros(3)
+    for seq, g in zip(sequences, groups, strict=True):
+        category, colour = divmod(int(g), cfg.num_colors)
+        related = (catalog.category == category) | (catalog.colour == colour)
+        for at, item in enumerate(seq):
+            odds = next_item_odds(cfg, catalog, int(g), seq[:at])  # (N,)
+            assert odds[item] > 0 and odds[seq[:at]].sum() == 0 and odds.sum() == pytest.approx(1.0)
+            kinds = np.zeros((3, cfg.num_items), bool)  # successor, preferred group, related pool
+            if at:
+                kinds[0, catalog.successor[seq[at - 1]]] = True
+            kinds[1], kinds[2] = catalog.group == g, related
+            expected += kinds @ odds
+            drawn += kinds[:, item]
+    sd = np.sqrt(expected)  # Poisson-like spread of a count
+    assert (np.abs(drawn - expected) < 4 * sd).all(), (drawn, expected)
+    first = [seq[0] for seq in sequences]  # a sequence starts in its preferred group (noise aside)
+    assert np.mean(catalog.group[first] == groups) > 0.9
 
 
 def test_successor_rule_survives_prepare(small) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from speeder.loop import Samples, catalog_tokens, rank_targets
-from speeder.metrics import paired_difference
+from speeder.metrics import paired_difference, paired_mean_difference
 from speeder_platform import storage
 from speeder_platform.baselines_eval import (
     baseline_ranks,
@@ -68,7 +68,7 @@ from speeder_platform.bench.quality.models import (
     valid_subset,
     variant_config,
 )
-from speeder_platform.bench.quality.truth import synthetic_truth
+from speeder_platform.bench.quality.truth import SyntheticTruth, synthetic_truth
 from speeder_platform.bench.quality.variants import PARTS, VARIANTS
 from speeder_platform.config import SpeederConfig, to_dict
 
@@ -290,17 +290,28 @@ def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dic
     checks = modality_checks(rows)
     truth = synthetic_truth(data.uri, data.test)
     if truth is not None:  # synthetic: the ceiling, and where each model's hits come from (the rule vs the draws)
-        result["by_target"] = {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
-                               "ceiling": truth.ceiling(),
-                               "models": {k: truth.by_target(r["ranks"]["candidates"])
-                                          for k, r in rows.items() if r.get("ranks") is not None
-                                          and r.get("users_index") is None}}
+        result["by_target"] = synthetic_by_target(truth, rows)
     pair_with_speeder(rows)
     for row in rows.values():
         row.pop("ranks", None)
         row.pop("users_index", None)
     result.update(models=rows, curves=curves, checks=checks, seconds=round(time.perf_counter() - t0))
     return result
+
+
+def synthetic_by_target(truth: SyntheticTruth, rows: dict[str, dict]) -> dict[str, Any]:
+    """The synthetic truth's view of every row ranked on all test users: HR@1 by kind of target, how often it
+    ranks by the odds, its expected HR@1 and (`expected_vs_speeder`) that minus the full model's, paired."""
+    models = {k: truth.by_target(r["ranks"]["candidates"], r["ranks"].get("first")) for k, r in rows.items()
+              if r.get("ranks") is not None and r.get("users_index") is None}
+    ref = rows.get("Speeder", {}).get("ranks", {}).get("first")
+    for name, m in models.items():
+        first = rows[name]["ranks"].get("first")
+        if ref is not None and first is not None and name != "Speeder":
+            mean, half = paired_mean_difference(truth.expected_hits(first), truth.expected_hits(ref))
+            m["expected_vs_speeder"] = {"mean": mean, "ci95": half}
+    return {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
+            "ceiling": truth.ceiling(), "models": models}
 
 
 def data_info(data: BenchData) -> dict[str, Any]:

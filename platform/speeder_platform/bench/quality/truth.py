@@ -1,25 +1,25 @@
 """The synthetic generator's truth on a test split: what a model can expect there, and where hits come from
 (docs/benchmarks.md#by-kind-of-target, docs/data.md#synthetic).
 
-Each candidate of a sample gets its tier, the generator's odds of drawing it next (its rule, data/synthetic.py):
+The generator is a function of its config (in the data's meta.json), so it is replayed: every user's preferred
+group and whole sequence, and from them the exact odds with which each test target was drawn
+(`data.synthetic.next_item_odds`): markov_strength on the last item's successor when unseen, the rest spread over
+the unseen items of the user's preferred group (or its related pool, or everything, once the pools are used
+up), NOISE over every unseen item.
 
-    3  the last history item's successor, not yet seen (drawn with probability markov_strength)
-    2  an item of the user's preferred group (estimated from the history, see `preferred_group`)
-    1  an item sharing the preferred group's category or colour (the related pool)
-    0  any other item (noise)
-
-Within a tier every candidate is equally likely, so ranking by tier is the generator's own ranking up to ties,
-and even that ranking hits a sample only with probability 1 / n, n the candidates in its best tier: on the
-draws from the related pool (about a third of the targets) HR@1 is a lottery among ~5-9 equally likely items.
-Its expected HR@1 is the reference ceiling (a model could only beat it where the group estimate is wrong);
-per model, the share of samples whose target it ranks within the best tier's first n places says how well it
-knows the odds, which HR@1 alone hides under the lottery's noise.
+Given a sample's candidates (the target and negatives drawn uniformly from the items the user never met), each
+candidate was the target with probability proportional to its odds. So for a model whose first choice is
+candidate f the chance of a hit is odds_f / sum(odds over the candidates): its **expected HR@1**, with the same
+expectation as HR@1 and none of the draw's noise. About a third of the targets are uniform draws among ~5-9
+equally likely candidates, where HR@1 is a lottery for any model; the expected HR@1 of ranking by the odds is the
+reference ceiling, and two models' paired difference in expected HR@1 says which one ranks by the odds more
+often, which their HR@1 hides under the lottery's noise.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,70 +27,112 @@ from speeder import schema
 from speeder.loop import Samples
 from speeder_platform import storage
 
-if TYPE_CHECKING:
-    from speeder_platform.data.synthetic import SyntheticCatalog
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SyntheticTruth:
-    """Per test sample (S of them), from the generator's truth."""
+    """Per test sample (S of them, C candidates each), from the generator's truth."""
 
-    successor: np.ndarray  # (S,) bool: the target is the last history item's successor
-    top: np.ndarray  # (S,) int: candidates in the sample's best tier (n >= 1)
-    target_on_top: np.ndarray  # (S,) bool: the target is one of them
+    odds: np.ndarray  # (S, C) float: the chance the generator drew each candidate next
+    target: np.ndarray  # (S,) int: the target's position among the candidates
+    successor_at: np.ndarray  # (S,) int: the position of the last history item's unseen successor, -1 if absent
+
+    @property
+    def successor(self) -> np.ndarray:
+        """(S,) bool: the target is the last history item's successor."""
+        return self.successor_at == self.target
+
+    @property
+    def top(self) -> np.ndarray:
+        """(S,) int: candidates as likely as the likeliest one (n >= 1)."""
+        return np.isclose(self.odds, self.odds.max(1, keepdims=True), rtol=1e-9, atol=0).sum(1)
+
+    @property
+    def target_on_top(self) -> np.ndarray:
+        """(S,) bool: the target is one of them."""
+        rows = np.arange(len(self.target))
+        return np.isclose(self.odds[rows, self.target], self.odds.max(1), rtol=1e-9, atol=0)
+
+    def expected_hits(self, first: np.ndarray, *, not_successor: bool = False) -> np.ndarray:
+        """A model's first choices (S,) (position among the candidates, -1 for a tied first place) -> (S,) the
+        chance each is the target given the candidates: odds_first / sum(odds). With `not_successor`, given also
+        that the target is not the last item's successor (the successor's odds left out)."""
+        odds = self.odds.copy()
+        rows = np.arange(len(odds))
+        if not_successor:
+            has = self.successor_at >= 0
+            odds[rows[has], self.successor_at[has]] = 0.0
+        first = np.asarray(first, np.int64)
+        chosen = np.where(first >= 0, odds[rows, np.maximum(first, 0)], 0.0)  # (S,)
+        total = odds.sum(1)
+        return np.divide(chosen, total, out=np.zeros_like(chosen), where=total > 0)
+
+    def generator_first(self) -> np.ndarray:
+        """(S,) the generator's own first choice: the likeliest candidate (which of a tie does not change its
+        expected hits)."""
+        return self.odds.argmax(1)
 
     def ceiling(self) -> dict[str, float]:
-        """Expected HR@1 of the generator's ranking (ties drawn at random): on all, successor and other targets,
-        and lottery_sd, the standard deviation of its HR@1 over the draws alone (how far luck moves any model)."""
-        expected = np.where(self.target_on_top, 1.0 / self.top, 0.0)  # (S,)
+        """Expected HR@1 of ranking by the odds, on all, successor and other targets, and lottery_sd, the standard
+        deviation of its HR@1 over the draws alone (how far luck moves any model's HR@1 on these samples)."""
+        expected = self.expected_hits(self.generator_first())  # (S,)
         sd = float(np.sqrt((expected * (1 - expected)).sum()) / len(expected)) if len(expected) else float("nan")
-        return {"all": _mean(expected), "successor": _mean(expected[self.successor]),
-                "other": _mean(expected[~self.successor]), "lottery_sd": sd}
+        on_top = np.where(self.target_on_top, 1.0 / self.top, 0.0)  # given the target: a draw among the tied
+        other = self.expected_hits(self.generator_first(), not_successor=True)
+        return {"all": _mean(expected), "successor": _mean(on_top[self.successor]),
+                "other": _mean(other[~self.successor]), "lottery_sd": sd}
 
-    def by_target(self, ranks: np.ndarray) -> dict[str, float]:
-        """A model's ranks (S,) of the target among the candidates (0-based) ->
+    def by_target(self, ranks: np.ndarray, first: np.ndarray | None = None) -> dict[str, float]:
+        """A model's ranks (S,) of the target among the candidates (0-based), and its first choices (S,) ->
 
-        successor / other: HR@1 on each kind of target; in_top / in_top_other: of the samples whose target is in
-        the best tier (all of them / those whose target is not the successor), the share the model ranks within
-        that tier's first n places (1.0 for the generator's ranking).
+        successor / other: HR@1 on each kind of target; in_top / in_top_other: of the samples whose target is
+        among the likeliest candidates (all of them / those whose target is not the successor), the share the
+        model ranks within the first n places, n the likeliest candidates (1.0 for ranking by the odds); with
+        `first`, expected / expected_other: its expected HR@1 on all targets, and given that the target is not
+        the successor.
         """
         ranks = np.asarray(ranks)
         hits = ranks == 0
-        in_top = self.target_on_top & (ranks < self.top)  # (S,)
-        on_top_other = self.target_on_top & ~self.successor
-        return {"successor": _mean(hits[self.successor]), "other": _mean(hits[~self.successor]),
-                "in_top": _mean(in_top[self.target_on_top]), "in_top_other": _mean(in_top[on_top_other])}
+        on_top, successor = self.target_on_top, self.successor
+        in_top = on_top & (ranks < self.top)  # (S,)
+        out = {"successor": _mean(hits[successor]), "other": _mean(hits[~successor]),
+               "in_top": _mean(in_top[on_top]), "in_top_other": _mean(in_top[on_top & ~successor])}
+        if first is not None:
+            out.update(expected=_mean(self.expected_hits(first)),
+                       expected_other=_mean(self.expected_hits(first, not_successor=True)[~successor]))
+        return out
 
 
 def _mean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else float("nan")
 
 
-def preferred_group(history: np.ndarray, truth: SyntheticCatalog, num_colors: int) -> int:
-    """The user's preferred group from a history (H',) of generator indices: the group whose related pool
-    (same category or colour) holds the most history items, as every draw but noise does; on a tie the group
-    with the most history items, then the earliest seen. (A history cut to its last max_history items often
-    no longer shows the preferred group itself, only its related draws and their successor chains.)"""
-    groups = np.arange(int(truth.group.max()) + 1)  # (G,)
-    related = ((truth.category[history][None, :] == (groups // num_colors)[:, None])
-               | (truth.colour[history][None, :] == (groups % num_colors)[:, None])).sum(1)  # (G,)
-    members = np.bincount(truth.group[history], minlength=len(groups))  # (G,)
-    first = np.full(len(groups), len(history))
-    for position, g in reversed(list(enumerate(truth.group[history].tolist()))):
-        first[g] = position
-    return int(np.lexsort((first, -members, -related))[0])
-
-
 def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
-    """The tiers of `samples`' candidates on a synthetic catalog prepared at data_uri; None on other data."""
+    """The generator's odds for `samples`' candidates on a synthetic catalog prepared at data_uri; None on other
+    data, or where prepare dropped generated interactions (the k-core), so the sequences are no longer the ones
+    the generator drew. Raises if the samples do not follow the generator's sequences."""
     from speeder_platform.config import SyntheticConfig
-    from speeder_platform.data.synthetic import SOURCE, item_source_id, synthetic_catalog
+    from speeder_platform.data.synthetic import (
+        SOURCE,
+        generate_users,
+        item_source_id,
+        next_item_odds,
+        synthetic_catalog,
+    )
 
     meta = storage.read_json(storage.join(data_uri, schema.META_FILE))
     if meta.get("source") != SOURCE or "synthetic" not in meta:
         return None
     cfg = SyntheticConfig(**meta["synthetic"])
-    truth = synthetic_catalog(cfg)
+    catalog = synthetic_catalog(cfg)
+    sequences, groups = generate_users(cfg, catalog)
+    counts = meta.get("counts", {})
+    if counts.get("users") != cfg.num_users or counts.get("interactions") != sum(map(len, sequences)):
+        log.warning("%s: prepare kept %s of %d users and %s of %d interactions; the generator's odds describe "
+                    "only the sequences it drew, so HR@1 by kind of target is left out", data_uri,
+                    counts.get("users"), cfg.num_users, counts.get("interactions"), sum(map(len, sequences)))
+        return None
     items = storage.read_table(storage.join(data_uri, schema.ITEMS_FILE), columns=[schema.ITEM_ID, schema.SOURCE_ID])
     index_of = {item_source_id(i): i for i in range(cfg.num_items)}
     gen = np.full(items.num_rows, -1, np.int64)  # item id -> the generator's item index
@@ -98,24 +140,25 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
                                                     items.column(schema.SOURCE_ID).to_pylist()]
     if (gen < 0).any():
         raise ValueError(f"{data_uri}: items the synthetic generator did not make (source_id not item-NNNNN)")
+    if samples.user_id is None:
+        raise ValueError("the synthetic truth needs each sample's user id (to replay that user's sequence)")
     n = len(samples)
-    successor, top, on_top = np.zeros(n, bool), np.ones(n, np.int64), np.zeros(n, bool)
+    odds = np.zeros(samples.candidates.shape)  # (S, C)
+    target, successor_at = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     for s in range(n):
-        history = gen[samples.history[s][samples.history[s] >= 0]]  # (H',) oldest first
+        user = int(samples.user_id[s])  # every user kept: ids follow the generator's order (user-NNNNN)
+        sequence = sequences[user]
+        history = gen[samples.history[s][samples.history[s] >= 0]].tolist()  # oldest first
         candidates = gen[samples.candidates[s]]  # (C,)
-        target = int(gen[samples.target[s]])
-        if not len(history):  # no history: every candidate is as likely as the next
-            top[s], on_top[s] = len(candidates), True
-            continue
-        nxt = int(truth.successor[history[-1]])
-        successor[s] = nxt == target
-        group = preferred_group(history, truth, cfg.num_colors)
-        category, colour = divmod(group, cfg.num_colors)
-        tiers = np.where((candidates == nxt) & ~np.isin(candidates, history), 3,
-                         np.where(truth.group[candidates] == group, 2,
-                                  np.where((truth.category[candidates] == category)
-                                           | (truth.colour[candidates] == colour), 1, 0)))  # (C,)
-        best = tiers.max()
-        top[s] = int((tiers == best).sum())
-        on_top[s] = bool(tiers[candidates == target].max(initial=-1) == best)
-    return SyntheticTruth(successor=successor, top=top, target_on_top=on_top)
+        t = int(gen[samples.target[s]])
+        at = sequence.index(t) if t in sequence else -1
+        if at < 0 or sequence[max(at - len(history), 0):at] != history:
+            raise ValueError(f"{data_uri}: user {user}'s sample is not a stretch of the sequence the synthetic "
+                             "generator drew for that user (data prepared from another config?)")
+        odds[s] = next_item_odds(cfg, catalog, int(groups[user]), sequence[:at])[candidates]
+        target[s] = int(np.flatnonzero(candidates == t)[0])
+        if at:
+            nxt = int(catalog.successor[sequence[at - 1]])
+            where = np.flatnonzero((candidates == nxt) & (odds[s] > 0))
+            successor_at[s] = int(where[0]) if len(where) else -1
+    return SyntheticTruth(odds=odds, target=target, successor_at=successor_at)
