@@ -80,6 +80,9 @@ class SpeederSettings:
     # With sequence_user: user (and slot) vectors are unit(W_s seq) + the LLM's part instead of
     # unit(W_s seq + the LLM's part), so SASRec's ranking keeps its weight and the LLM learns a correction.
     residual_readout: bool = False
+    # A long-term taste term: user (and slot) vectors add W_t m, m the mean item token of the history so far
+    # (every item alike, however old), outside the unit norm; W_t from zero. Beyond the paper.
+    history_taste: bool = False
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
@@ -118,7 +121,7 @@ class SpeederModel(nn.Module):
                                 item_prior=settings.item_prior, input_skip=settings.readout_skip,
                                 sequence_user=settings.sequence_user,
                                 item_norm=scale * d ** 0.5 if settings.item_norms else None,
-                                residual=settings.residual_readout)
+                                residual=settings.residual_readout, taste=settings.history_taste)
         self.ppt = PositionProxyHead(d, settings.max_history) if settings.ppt_lambda > 0 else None
         # Frozen: SASRec as featurize trained it (its item embeddings are the sequence features).
         self.sequence_encoder = sequence_encoder if settings.sequence_user else None
@@ -183,7 +186,16 @@ class SpeederModel(nn.Module):
         h_last = torch.where(has, hidden[rows, last_slot.clamp(min=0)].float(), h_final)
         x_last = torch.where(has, self.slot_inputs(history[:, -1:].clamp(min=0), item_table)[:, 0], 0.0)
         seq = None if states is None else torch.where(has, states[:, -1], 0.0)
-        return self.head.user_vectors(h_final, h_last, x_last, seq), hidden, batch
+        taste = (self.history_means(history[:, -self.settings.max_history:], item_table)[:, -1]
+                 if self.head.taste is not None else None)
+        return self.head.user_vectors(h_final, h_last, x_last, seq, taste), hidden, batch
+
+    def history_means(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """The mean item token of the history up to each column: history (B, H) of item_table rows, -1 for
+        left padding -> (B, H) prefix means (B, H, D) float (0 where no item yet)."""
+        real = (history >= 0).unsqueeze(-1)  # (B, H, 1)
+        x = torch.where(real, item_table[history.clamp(min=0)].float(), 0.0)  # (B, H, D)
+        return x.cumsum(dim=1) / real.float().cumsum(dim=1).clamp(min=1.0)
 
     def slot_inputs(self, history: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
         """The input tokens of history columns, item token + PPL: history (B, H) of real item rows
@@ -342,8 +354,9 @@ class SpeederModel(nn.Module):
         real = slots >= 0  # left padding: a real column is always followed by a real item or the target
         rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(slots)[real]  # (K,)
         x = self.slot_inputs(history.clamp(min=0), item_table)[real]  # (K, D)
+        taste = self.history_means(history, item_table)[real] if self.head.taste is not None else None
         v = self.head.slot_vectors(hidden[rows, slots[real]].float(), x,
-                                   None if states is None else states[real])  # (K, D)
+                                   None if states is None else states[real], taste)  # (K, D)
         return self.item_scores(v, item_table), following[real], real
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def settings_from_config(model: ModelConfig, feature_dims: dict[str, int]) -> Sp
         sequence_dropout=model.sequence_dropout,
         content_mix=model.content_mix,
         residual_readout=model.residual_readout,
+        history_taste=model.history_taste,
     )
 
 

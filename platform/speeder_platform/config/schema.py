@@ -136,6 +136,9 @@ class ModelConfig:
     # With sequence_user: user vectors = unit(SASRec's state) + the LLM's part (a correction from zero) instead of
     # unit(both); SASRec's ranking keeps its weight however the LLM's part grows (README, Quality).
     residual_readout: bool = False
+    # User vectors add W_t times the history's mean item token (every item alike, however old; from zero): a
+    # long-term taste beside the recency the LLM and SASRec read (README, Quality).
+    history_taste: bool = False
     gradient_checkpointing: bool = False
 
 

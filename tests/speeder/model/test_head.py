@@ -120,3 +120,29 @@ def test_residual_readout_keeps_sasrecs_part_whole_beside_the_learnt_part(featur
         else:  # both normalised together: the large learnt part drowns SASRec's
             torch.testing.assert_close(u, torch.nn.functional.normalize(seq + llm, dim=-1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(vectors[True], vectors[False])  # untrained, the two are the same model
+
+
+def test_history_taste_adds_w_times_the_mean_history_token_from_zero(features) -> None:
+    model = build_model("tiny-llama", tiny_settings(features, history_taste=True, readout="both", readout_skip=True,
+                                                    dense_weight=1.0))
+    model.eval()
+    history = torch.tensor([[-1, -1, 3, 4, 5], [0, 1, 2, 6, 7]])
+    with torch.no_grad():
+        table = model.item_tokens(features, ALL)
+        means = model.history_means(history, table)  # (B, H, D) prefix means over the real items
+        torch.testing.assert_close(means[0, 3], table[[3, 4]].mean(0))
+        torch.testing.assert_close(means[1, 4], table[[0, 1, 2, 6, 7]].mean(0))
+        assert means[0, 0].abs().sum() == 0  # padding only: no taste yet
+        before, _, _ = model.user_vectors(history, table, ALL)
+        model.head.taste.weight.zero_()
+        assert torch.equal(before, model.user_vectors(history, table, ALL)[0])  # starts at zero: no change
+        model.head.taste.weight.copy_(0.5 * torch.eye(table.shape[1]))
+        after, _, _ = model.user_vectors(history, table, ALL)
+    torch.testing.assert_close(after - before, 0.5 * means[:, -1] / model.head.item_norm, rtol=1e-5, atol=1e-6)
+    # the dense loss trains it: every slot's vector reads the mean of the history up to that slot
+    model.train()
+    model.head.taste.weight.data.zero_()
+    out = model(history, torch.tensor([8, 9]), None, features, ALL)
+    out["loss"].backward()
+    assert model.head.taste.weight.grad is not None and model.head.taste.weight.grad.abs().sum() > 0
+    assert build_model("tiny-llama", tiny_settings(features)).head.taste is None  # off by default
