@@ -16,6 +16,7 @@ from speeder_platform import cli, storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
 from speeder_platform.bench.quality import data as quality_data
 from speeder_platform.bench.quality.data import hold_out_items, mask_modality, warm_train_samples
+from speeder_platform.bench.quality.run import CONTENT_RULE
 from speeder_platform.bench.quality.truth import synthetic_truth
 from speeder_platform.bench.quality.variants import VARIANTS
 from speeder_platform.config import to_dict
@@ -172,17 +173,22 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     assert "Cold-start items" in md and "Missing modalities" in md
     by = ds["by_target"]  # synthetic: the ceiling, each model's HR@1 on successor targets and on the others
     assert 0.0 < by["successor_share"] < 1.0 and by["test_users"] == ds["data"]["test"]
-    assert {"Popularity", "SASRec", "Speeder", "no PPT"} <= set(by["models"]) and "LLaRA-style" not in by["models"]
+    assert {"Popularity", "SASRec", "Speeder", "no PPT", CONTENT_RULE} <= set(by["models"])
+    assert "LLaRA-style" not in by["models"]
     assert 0.0 < by["ceiling"]["all"] <= 1.0 and by["ceiling"]["lottery_sd"] > 0.0
     for name, split in by["models"].items():  # the two parts add up to the row's HR@1
         whole = by["successor_share"] * split["successor"] + (1 - by["successor_share"]) * split["other"]
-        assert whole == pytest.approx(ds["models"][name]["metrics"]["cand_hr@1"]), name
+        if name != CONTENT_RULE:
+            assert whole == pytest.approx(ds["models"][name]["metrics"]["cand_hr@1"]), name
         assert 0.0 <= split["in_top_other"] <= 1.0 and 0.0 <= split["in_top"] <= 1.0, name
         assert 0.0 <= split["expected"] <= 1.0 and 0.0 <= split["expected_other"] <= 1.0, name
         assert ("expected_vs_speeder" in split) == (name != "Speeder"), name
+        shares = [split["first_in_pool"], split["first_near_last"], split["first_elsewhere"]]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0.0, name
     sasrec_vs = by["models"]["SASRec"]["expected_vs_speeder"]
     assert sasrec_vs["mean"] == pytest.approx(by["models"]["SASRec"]["expected"] - by["models"]["Speeder"]["expected"])
     assert "| expected HR@1 |" in md and f"{sasrec_vs['mean']:+.4f} +- {sasrec_vs['ci95']:.4f}" in md
+    assert "| first choice in the pool |" in md and f"| {CONTENT_RULE} |" in md
     assert "HR@1 by kind of target" in md and "| the generator's odds (expected) |" in md
     for png in ("accuracy_synthetic.png", "curves_synthetic.png", "cold_start_synthetic.png"):
         assert (out / png).read_bytes()[:8] == PNG
@@ -243,7 +249,18 @@ def test_synthetic_truth_replays_the_generators_odds(tmp_path, caplog) -> None:
         assert got.odds[s, got.target[s]] > 0 and test.candidates[s][got.target[s]] == test.target[s]
         succ = catalog.successor[sequences[user][-2]]
         assert got.successor[s] == (succ == sequences[user][-1])
+        category, colour = divmod(int(groups[user]), cfg.num_colors)
+        cands = gen[test.candidates[s]]
+        assert got.in_pool[s].tolist() == ((catalog.category[cands] == category)
+                                           | (catalog.colour[cands] == colour)).tolist()
+        last = sequences[user][-2]
+        assert got.near_last[s].tolist() == ((catalog.category[cands] == catalog.category[last])
+                                             | (catalog.colour[cands] == catalog.colour[last])).tolist()
     assert 0 < got.successor.mean() < 1
+    assert got.in_pool[np.arange(len(test)), got.target].mean() > 0.5  # draws come from the pool (noise aside)
+    rule_ranks, rule_first = got.content_rule()
+    assert ((rule_ranks == 0) == (rule_first == got.target)).all()
+    assert (rule_ranks[got.successor] == 0).all()  # the rule knows the successor
     # expected hits: odds of the first choice over the candidates' odds; ranking by the odds is the ceiling
     best = got.expected_hits(got.generator_first())
     rng = np.random.default_rng(0)
@@ -275,7 +292,11 @@ def test_expected_hits_by_hand() -> None:
     from speeder_platform.bench.quality.truth import SyntheticTruth
 
     odds = np.array([[0.7, 0.1, 0.1, 0.0], [0.2, 0.2, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1]])
-    truth = SyntheticTruth(odds=odds, target=np.array([0, 1, 3]), successor_at=np.array([0, -1, -1]))
+    in_pool = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]], bool)
+    near_last = np.array([[0, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]], bool)
+    rule = np.array([[3.0, 1.0, 1.0, 0.0], [2.0, 5.0, 5.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    truth = SyntheticTruth(odds=odds, target=np.array([0, 1, 3]), successor_at=np.array([0, -1, -1]),
+                           in_pool=in_pool, near_last=near_last, rule_scores=rule)
     assert truth.successor.tolist() == [True, False, False]
     assert truth.top.tolist() == [1, 2, 4] and truth.target_on_top.tolist() == [True, True, True]
     np.testing.assert_allclose(truth.expected_hits(np.array([0, 2, -1])), [0.7 / 0.9, 0.1, 0.0])
@@ -290,3 +311,11 @@ def test_expected_hits_by_hand() -> None:
     assert by["in_top"] == pytest.approx(2 / 3) and by["in_top_other"] == pytest.approx(1 / 2)
     assert by["expected"] == pytest.approx((0.7 / 0.9 + 0.1 + 0.25) / 3)
     assert by["expected_other"] == pytest.approx((0.1 + 0.25) / 2)
+    # first choices on the samples without the successor among the candidates (rows 1 and 2): pool, near, tie
+    assert truth.first_choices(np.array([0, 0, 0])) == {"first_in_pool": 0.5, "first_near_last": 0.5,
+                                                         "first_elsewhere": 0.0}
+    assert truth.first_choices(np.array([0, 1, -1])) == {"first_in_pool": 0.0, "first_near_last": 0.5,
+                                                          "first_elsewhere": 0.5}
+    ranks, first = truth.content_rule()  # ties drawn at random
+    assert ranks[[0, 2]].tolist() == [0, 0] and first[[0, 2]].tolist() == [0, 3]
+    assert first[1] in (1, 2) and ranks[1] == (0 if first[1] == 1 else 1)

@@ -134,6 +134,14 @@ def by_target_table(by: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_num(m['successor'])} | {_num(m['other'])} | {_num(m['in_top'])} | "
                      f"{_num(m['in_top_other'])} | {_num(m.get('expected'))} | {_num(m.get('expected_other'))} | "
                      + (f"{vs['mean']:+.4f} +- {vs['ci95']:.4f} |" if vs else " |"))
+    lines += ["", "Where first choices fall when the target is not the successor (and the successor is not a "
+              "candidate): in the user's related pool, where the target was drawn; outside it but sharing the "
+              "last item's category or colour; elsewhere.", "",
+              "| model | first choice in the pool | near the last item only | elsewhere |", "|---|---|---|---|"]
+    for name, m in by["models"].items():
+        if "first_in_pool" in m:
+            lines.append(f"| {name} | {_num(m['first_in_pool'])} | {_num(m['first_near_last'])} | "
+                         f"{_num(m['first_elsewhere'])} |")
     return "\n".join(lines)
 
 

@@ -299,14 +299,21 @@ def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dic
     return result
 
 
+# A reference row of the by-kind table: the truth's history-content rule (truth.content_rule_scores), no training.
+CONTENT_RULE = "rule: successor, then the history's categories and colours (truth, no training)"
+
+
 def synthetic_by_target(truth: SyntheticTruth, rows: dict[str, dict]) -> dict[str, Any]:
-    """The synthetic truth's view of every row ranked on all test users: HR@1 by kind of target, how often it
-    ranks by the odds, its expected HR@1 and (`expected_vs_speeder`) that minus the full model's, paired."""
-    models = {k: truth.by_target(r["ranks"]["candidates"], r["ranks"].get("first")) for k, r in rows.items()
-              if r.get("ranks") is not None and r.get("users_index") is None}
+    """The synthetic truth's view of every row ranked on all test users, and of the history-content rule: HR@1 by
+    kind of target, how often it ranks by the odds, its expected HR@1 and (`expected_vs_speeder`) that minus the
+    full model's, paired, and where its first choices fall on the draws from the related pool."""
+    ranked = {k: r["ranks"] for k, r in rows.items() if r.get("ranks") is not None and r.get("users_index") is None}
+    rule_ranks, rule_first = truth.content_rule()
+    ranked[CONTENT_RULE] = {"candidates": rule_ranks, "first": rule_first}
+    models = {k: truth.by_target(r["candidates"], r.get("first")) for k, r in ranked.items()}
     ref = rows.get("Speeder", {}).get("ranks", {}).get("first")
     for name, m in models.items():
-        first = rows[name]["ranks"].get("first")
+        first = ranked[name].get("first")
         if ref is not None and first is not None and name != "Speeder":
             mean, half = paired_mean_difference(truth.expected_hits(first), truth.expected_hits(ref))
             m["expected_vs_speeder"] = {"mean": mean, "ci95": half}

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from speeder import schema
 from speeder.loop import Samples
 from speeder_platform import storage
+
+if TYPE_CHECKING:
+    from speeder_platform.data.synthetic import SyntheticCatalog
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ class SyntheticTruth:
     odds: np.ndarray  # (S, C) float: the chance the generator drew each candidate next
     target: np.ndarray  # (S,) int: the target's position among the candidates
     successor_at: np.ndarray  # (S,) int: the position of the last history item's unseen successor, -1 if absent
+    in_pool: np.ndarray  # (S, C) bool: in the user's related pool (the preferred group's category or colour)
+    near_last: np.ndarray  # (S, C) bool: sharing the last history item's category or colour
+    rule_scores: np.ndarray  # (S, C) float: the history-content rule (`content_rule_scores`)
 
     @property
     def successor(self) -> np.ndarray:
@@ -100,12 +107,47 @@ class SyntheticTruth:
                "in_top": _mean(in_top[on_top]), "in_top_other": _mean(in_top[on_top & ~successor])}
         if first is not None:
             out.update(expected=_mean(self.expected_hits(first)),
-                       expected_other=_mean(self.expected_hits(first, not_successor=True)[~successor]))
+                       expected_other=_mean(self.expected_hits(first, not_successor=True)[~successor]),
+                       **self.first_choices(first))
         return out
+
+    def first_choices(self, first: np.ndarray) -> dict[str, float]:
+        """Where a model's first choices (S,) fall on the samples whose target is not the successor (and whose
+        successor is not a candidate): first_in_pool, in the user's related pool (where the target was drawn);
+        first_near_last, outside it but sharing the last item's category or colour; first_elsewhere, the rest
+        (a tied first place included)."""
+        first = np.asarray(first, np.int64)
+        rows = np.flatnonzero(self.successor_at < 0)
+        chosen = np.maximum(first[rows], 0)
+        pool = self.in_pool[rows, chosen] & (first[rows] >= 0)
+        near = ~pool & self.near_last[rows, chosen] & (first[rows] >= 0)
+        return {"first_in_pool": _mean(pool), "first_near_last": _mean(near),
+                "first_elsewhere": _mean(~pool & ~near)}
+
+    def content_rule(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The history-content rule as a model, its ties (whole counts tie often) drawn at random: -> its ranks
+        of the targets (S,) and first choices (S,)."""
+        scores = self.rule_scores + 1e-3 * np.random.default_rng(seed).random(self.rule_scores.shape)
+        rows = np.arange(len(scores))
+        target = scores[rows, self.target][:, None]
+        ranks = (scores > target).sum(1) + (scores == target).sum(1) - 1  # ties against it, as target_rank
+        top = scores.max(1, keepdims=True)
+        first = np.where((scores == top).sum(1) == 1, scores.argmax(1), -1)
+        return ranks, first
 
 
 def _mean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else float("nan")
+
+
+def content_rule_scores(history: np.ndarray, candidates: np.ndarray, catalog: SyntheticCatalog) -> np.ndarray:
+    """A rule with no training that knows each item's category and colour and the successor rule: the last
+    history item's successor first, then the candidates whose category and colour the history (H',) holds most
+    often, every history item alike -> scores (C,): 1000 for the successor + #same category + #same colour."""
+    successor = candidates == catalog.successor[history[-1]] if len(history) else np.zeros(len(candidates), bool)
+    same = ((catalog.category[candidates][:, None] == catalog.category[history][None, :]).sum(1)
+            + (catalog.colour[candidates][:, None] == catalog.colour[history][None, :]).sum(1))  # (C,)
+    return 1000.0 * successor + same
 
 
 def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
@@ -145,6 +187,8 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
     n = len(samples)
     odds = np.zeros(samples.candidates.shape)  # (S, C)
     target, successor_at = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    in_pool, near_last = np.zeros(odds.shape, bool), np.zeros(odds.shape, bool)
+    rule = np.zeros(odds.shape)
     for s in range(n):
         user = int(samples.user_id[s])  # every user kept: ids follow the generator's order (user-NNNNN)
         sequence = sequences[user]
@@ -157,8 +201,14 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
                              "generator drew for that user (data prepared from another config?)")
         odds[s] = next_item_odds(cfg, catalog, int(groups[user]), sequence[:at])[candidates]
         target[s] = int(np.flatnonzero(candidates == t)[0])
+        category, colour = divmod(int(groups[user]), cfg.num_colors)
+        in_pool[s] = (catalog.category[candidates] == category) | (catalog.colour[candidates] == colour)
+        rule[s] = content_rule_scores(np.asarray(history, np.int64), candidates, catalog)
         if at:
-            nxt = int(catalog.successor[sequence[at - 1]])
-            where = np.flatnonzero((candidates == nxt) & (odds[s] > 0))
+            last = sequence[at - 1]
+            near_last[s] = ((catalog.category[candidates] == catalog.category[last])
+                            | (catalog.colour[candidates] == catalog.colour[last]))
+            where = np.flatnonzero((candidates == catalog.successor[last]) & (odds[s] > 0))
             successor_at[s] = int(where[0]) if len(where) else -1
-    return SyntheticTruth(odds=odds, target=target, successor_at=successor_at)
+    return SyntheticTruth(odds=odds, target=target, successor_at=successor_at, in_pool=in_pool,
+                          near_last=near_last, rule_scores=rule)
