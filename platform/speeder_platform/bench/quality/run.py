@@ -312,10 +312,11 @@ def synthetic_by_target(truth: SyntheticTruth, rows: dict[str, dict]) -> dict[st
     ranked[CONTENT_RULE] = {"candidates": rule_ranks, "first": rule_first}
     models = {k: truth.by_target(r["candidates"], r.get("first")) for k, r in ranked.items()}
     ref = rows.get("Speeder", {}).get("ranks", {}).get("first")
+    ref_hits = None if ref is None else truth.expected_hits(ref)
     for name, m in models.items():
         first = ranked[name].get("first")
-        if ref is not None and first is not None and name != "Speeder":
-            mean, half = paired_mean_difference(truth.expected_hits(first), truth.expected_hits(ref))
+        if ref_hits is not None and first is not None and name != "Speeder":
+            mean, half = paired_mean_difference(truth.expected_hits(first), ref_hits)
             m["expected_vs_speeder"] = {"mean": mean, "ci95": half}
     return {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
             "ceiling": truth.ceiling(), "models": models}

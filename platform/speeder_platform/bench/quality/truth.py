@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from speeder import schema
 from speeder.loop import Samples
+from speeder.metrics import first_choice, target_rank
 from speeder_platform import storage
 
 if TYPE_CHECKING:
@@ -83,10 +85,11 @@ class SyntheticTruth:
     def ceiling(self) -> dict[str, float]:
         """Expected HR@1 of ranking by the odds, on all, successor and other targets, and lottery_sd, the standard
         deviation of its HR@1 over the draws alone (how far luck moves any model's HR@1 on these samples)."""
-        expected = self.expected_hits(self.generator_first())  # (S,)
+        first = self.generator_first()
+        expected = self.expected_hits(first)  # (S,)
         sd = float(np.sqrt((expected * (1 - expected)).sum()) / len(expected)) if len(expected) else float("nan")
         on_top = np.where(self.target_on_top, 1.0 / self.top, 0.0)  # given the target: a draw among the tied
-        other = self.expected_hits(self.generator_first(), not_successor=True)
+        other = self.expected_hits(first, not_successor=True)
         return {"all": _mean(expected), "successor": _mean(on_top[self.successor]),
                 "other": _mean(other[~self.successor]), "lottery_sd": sd}
 
@@ -127,13 +130,9 @@ class SyntheticTruth:
     def content_rule(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The history-content rule as a model, its ties (whole counts tie often) drawn at random: -> its ranks
         of the targets (S,) and first choices (S,)."""
-        scores = self.rule_scores + 1e-3 * np.random.default_rng(seed).random(self.rule_scores.shape)
-        rows = np.arange(len(scores))
-        target = scores[rows, self.target][:, None]
-        ranks = (scores > target).sum(1) + (scores == target).sum(1) - 1  # ties against it, as target_rank
-        top = scores.max(1, keepdims=True)
-        first = np.where((scores == top).sum(1) == 1, scores.argmax(1), -1)
-        return ranks, first
+        scores = torch.from_numpy(self.rule_scores + 1e-3 * np.random.default_rng(seed).random(self.rule_scores.shape))
+        return (target_rank(scores, torch.from_numpy(self.target)).numpy(),
+                first_choice(scores).numpy())
 
 
 def _mean(x: np.ndarray) -> float:
