@@ -118,7 +118,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     monkeypatch.setattr(quality_data, "ensure_features", write_features)  # no Ray, no encoders
     out = tmp_path / "out"
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out),
-                 "--set", "trainer.max_train_samples=24", "--set", "trainer.batch_size=8",  # 3 steps per stage
+                 "--set", "trainer.stage_samples=[24,24,24]", "--set", "trainer.batch_size=8",  # 3 steps per stage
                  "--set", "trainer.loss_pool=sampled",  # so the "catalog softmax" row is another model
                  "--llara-steps", "1", "--llara-eval-users", "4", "--valid-users", "8"]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -169,7 +169,7 @@ def test_bench_quality_writes_every_row_and_valid_outputs(tmp_path, monkeypatch)
     md = (out / "results.md").read_text()
     for name in expected:
         assert f"| {name} |" in md
-    assert "Recipe: `jobs/synthetic.yaml` with trainer.max_train_samples=24 trainer.batch_size=8" in md
+    assert "Recipe: `jobs/synthetic.yaml` with trainer.stage_samples=[24,24,24] trainer.batch_size=8" in md
     assert "Cold-start items" in md and "Missing modalities" in md
     by = ds["by_target"]  # synthetic: the ceiling, each model's HR@1 on successor targets and on the others
     assert 0.0 < by["successor_share"] < 1.0 and by["test_users"] == ds["data"]["test"]
@@ -198,7 +198,7 @@ def test_bench_quality_synthetic_users_makes_or_refuses_the_set(tmp_path, monkey
     monkeypatch.setattr(quality_data, "ensure_features", write_features)  # no Ray, no encoders
     data = str(tmp_path / "syn")
     cheap = ["--set", "prepare.synthetic.num_items=80", "--set", "prepare.synthetic.image_size=8",
-             "--set", "trainer.max_train_samples=8", "--set", "trainer.batch_size=8", "--variants", "",
+             "--set", "trainer.stage_samples=[8,8,8]", "--set", "trainer.batch_size=8", "--variants", "",
              "--skip", "llara,cold-start,missing"]
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--synthetic-users", "30",
                  "--out", str(tmp_path / "a"), *cheap]) == 0

@@ -27,6 +27,7 @@ VARIANTS: dict[str, list[str]] = {
     # Both: the model starts exactly as SASRec and SASRec's ranking keeps its weight while the LLM's part grows.
     "residual readout + warm content 0.1": ["model.residual_readout=true", "model.content_mix=0.1"],
     "+ history taste": ["model.history_taste=true"],  # W_t x the history's mean item token, from zero
+    "no history taste": ["model.history_taste=false"],  # the synthetic recipe has it on, ML-100K's off
     "+ SASRec distillation": ["model.distill_weight=1.0", "trainer.loss_pool=catalog"],  # needs every item's score
     "catalog softmax": ["trainer.loss_pool=catalog"],  # every item's token with gradients each step (the demo samples)
     "constant lr": ["trainer.lr_schedule=constant", "trainer.lr_warmup=0"],  # the recipe decays lr per stage
