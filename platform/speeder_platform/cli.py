@@ -218,6 +218,8 @@ def _add_bench_quality(bsub) -> None:
     q.add_argument("--cold-fraction", type=float, default=0.1, help="share of items held out (cold start)")
     q.add_argument("--missing-rate", type=float, default=0.3, help="share of images/texts masked at test time")
     q.add_argument("--threads", type=int, help="torch threads (default: 1 for tiny backbones, else 2)")
+    q.add_argument("--seeds", help="pipeline seeds, comma-separated (e.g. 0,1,2): the bench once per seed "
+                   "(featurize.sasrec.seed and trainer.seed) under --out/seed-N, and seeds.md across them")
     q.set_defaults(func=_cmd_bench_quality)
 
 

@@ -217,6 +217,46 @@ def test_bench_quality_synthetic_users_makes_or_refuses_the_set(tmp_path, monkey
     assert again["data"]["test"] == meta["counts"]["test"]
 
 
+def test_bench_quality_seeds_runs_once_per_pipeline_seed_and_tables_them(tmp_path, monkeypatch, caplog) -> None:
+    used: list[tuple[str, int, int]] = []
+
+    def features(cfg) -> dict:  # which features folder and which seeds each run asked for
+        used.append((cfg.featurize.name, cfg.featurize.sasrec.seed, cfg.trainer.seed))
+        return write_features(cfg)
+
+    monkeypatch.setattr(quality_data, "ensure_features", features)  # no Ray, no encoders
+    data = prepare_synthetic(str(tmp_path / "syn"), num_users=40, num_items=50)
+    out = tmp_path / "out"
+    cheap = ["--set", "trainer.stage_samples=[8,8,8]", "--set", "trainer.batch_size=8",
+             "--variants", "Speeder,no PPT", "--skip", "llara,cold-start,missing"]
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(out), "--seeds", "0,2",
+                 *cheap]) == 0
+    assert used == [("bench", 0, 0), ("bench-sasrec2", 2, 2)]  # seed 0 keeps the name: the spec's seed
+    runs = {s: json.loads((out / f"seed-{s}" / "results.json").read_text())["datasets"]["synthetic"] for s in (0, 2)}
+    assert [runs[s]["recipe"]["trainer"]["seed"] for s in (0, 2)] == [0, 2]
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 2]
+    models = summary["datasets"]["synthetic"]["models"]
+    assert {"Speeder", "no PPT", "SASRec", "Popularity"} <= set(models)
+    for name, m in models.items():
+        assert m["hr@1"] == [runs[s]["models"][name]["metrics"]["cand_hr@1"] for s in (0, 2)], name
+        assert m["hr@1_mean"] == pytest.approx(sum(m["hr@1"]) / 2)
+        assert m["expected"] == [runs[s]["by_target"]["models"][name]["expected"] for s in (0, 2)], name
+    assert models["SASRec"]["expected_vs_speeder"] == [runs[s]["by_target"]["models"]["SASRec"]["expected_vs_speeder"]
+                                                       for s in (0, 2)]
+    assert "expected_vs_speeder" not in models["Speeder"]
+    md = (out / "seeds.md").read_text()
+    sasrec = models["SASRec"]
+    assert f"| SASRec | {sasrec['hr@1'][0]:.4f} / {sasrec['hr@1'][1]:.4f} | {sasrec['hr@1_mean']:.4f} |" in md
+    # a bad seed list is refused in one line before anything runs
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
+                 "--seeds", "0,x", *cheap]) == 2
+    assert "--seeds: 'x' is not a non-negative integer" in caplog.text and not (tmp_path / "bad").exists()
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
+                 "--seeds", "1,1", *cheap]) == 2
+    assert "--seeds: 1 given twice" in caplog.text
+
+
 def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
     with pytest.raises(SystemExit) as exit_help:
         main(["--help"])

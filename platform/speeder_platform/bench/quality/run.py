@@ -3,6 +3,7 @@
     speeder bench quality --dataset synthetic                 # jobs/synthetic.yaml's recipe, ~20 min
     speeder bench quality --dataset ml100k                    # jobs/demo.yaml's recipe, ~2 h on 2 cores
     speeder bench quality --dataset ml100k --set trainer.stage_samples=[2400,2400,9600]   # another budget
+    speeder bench quality --dataset synthetic --seeds 0,1,2 --variants Speeder --skip llara,cold-start,missing
 
 Per dataset (ML-100K and the synthetic multimodal catalog), on the same splits and the same 20
 candidates for every model:
@@ -366,11 +367,26 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_command(args: argparse.Namespace, command: str) -> int:
-    """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out.
+    """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out (with
+    --seeds: once per pipeline seed under --out/seed-N, and seeds.md / seeds.json across them).
     `command`: the command line as typed, recorded in results.json."""
-    from speeder_platform.bench.quality.report import write_results
+    from speeder_platform.bench.quality.seeds import parse_seeds, run_seeds
 
     args = check_args(args)
+    seeds = parse_seeds(getattr(args, "seeds", None))
+    if seeds:
+        run_seeds(args, command, seeds, run_once)
+        sys.stdout.write(f"bench quality: {storage.join(args.out, 'seeds.md')}\n")
+        return 0
+    results = run_once(args, command)
+    sys.stdout.write(f"bench quality: {storage.join(args.out, 'results.md')} ({results['seconds']}s)\n")
+    return 0
+
+
+def run_once(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """One bench run over the chosen dataset(s), written under args.out after each dataset; returns the results."""
+    from speeder_platform.bench.quality.report import write_results
+
     names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
     setups = default_setups(args)
     t0 = time.perf_counter()
@@ -382,5 +398,4 @@ def run_command(args: argparse.Namespace, command: str) -> int:
         results["datasets"][name] = run_dataset(name, apply_overrides(setups[name], args), args)
         results["seconds"] = round(time.perf_counter() - t0)
         write_results(results, args.out)  # after each dataset: a long run leaves its finished part behind
-    sys.stdout.write(f"bench quality: {storage.join(args.out, 'results.md')} ({results['seconds']}s)\n")
-    return 0
+    return results

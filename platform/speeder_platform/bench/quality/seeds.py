@@ -1,0 +1,109 @@
+"""`speeder bench quality --seeds 0,1,2`: the whole bench once per pipeline seed, then one table across them.
+
+A pipeline seed N sets `featurize.sasrec.seed=N` and `trainer.seed=N`: SASRec's features (its init, dropout and
+batches) and Speeder's sample draws, init and dropout, so a difference that holds over seeds is the models', not
+one draw's. SASRec's features are made once per seed and reused: seed 0 keeps features/<name> (the spec's seed),
+seed N uses features/<name>-sasrecN. Each seed's full results go to `--out/seed-N/`; `--out/seeds.md` and
+`seeds.json` hold, per model, HR@1 and (on the synthetic catalog) expected HR@1 per seed with their mean, and
+each row's expected HR@1 minus the full Speeder's, paired over the same test users, per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from speeder_platform import storage
+
+log = logging.getLogger("speeder.bench")
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; ValueError names a seed that is not a non-negative integer or a repeated one."""
+    if not text:
+        return []
+    seeds = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if not part.isdigit():
+            raise ValueError(f"--seeds: {part!r} is not a non-negative integer")
+        if int(part) in seeds:
+            raise ValueError(f"--seeds: {part} given twice")
+        seeds.append(int(part))
+    return seeds
+
+
+def seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """The bench's options for one pipeline seed: both seeds set after the user's --set, its own features and out."""
+    one = copy.copy(args)
+    one.set = [*args.set, f"featurize.sasrec.seed={seed}", f"trainer.seed={seed}"]
+    one.features_name = args.features_name if seed == 0 else f"{args.features_name}-sasrec{seed}"
+    one.out = storage.join(args.out, f"seed-{seed}")
+    one.seeds = None
+    return one
+
+
+def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset and model: HR@1 and expected HR@1 (where the truth is known) per seed and their means, and the
+    paired expected-HR@1 difference from the full Speeder per seed. Models missing from a seed are left out."""
+    seeds = list(per_seed)
+    out: dict[str, Any] = {"seeds": seeds, "datasets": {}}
+    names = list(per_seed[seeds[0]]["datasets"])
+    for name in names:
+        runs = [per_seed[s]["datasets"][name] for s in seeds]
+        models: dict[str, Any] = {}
+        for model in runs[0]["models"]:
+            rows = [r["models"].get(model) for r in runs]
+            if any(row is None or "same_as" in row for row in rows):
+                continue
+            hr1 = [row["metrics"]["cand_hr@1"] for row in rows]
+            entry: dict[str, Any] = {"hr@1": hr1, "hr@1_mean": sum(hr1) / len(hr1)}
+            by = [r.get("by_target", {}).get("models", {}).get(model) for r in runs]
+            if all(b is not None and "expected" in b for b in by):
+                expected = [b["expected"] for b in by]
+                entry.update(expected=expected, expected_mean=sum(expected) / len(expected))
+                if all("expected_vs_speeder" in b for b in by):
+                    entry["expected_vs_speeder"] = [b["expected_vs_speeder"] for b in by]
+            models[model] = entry
+        out["datasets"][name] = {"models": models, "test_users": runs[0]["data"]["test"]}
+    return out
+
+
+def seeds_markdown(summary: dict[str, Any], command: str) -> str:
+    """The across-seeds tables, one per dataset."""
+    seeds = summary["seeds"]
+    cols = " / ".join(str(s) for s in seeds)
+    lines = ["# Speeder quality bench across pipeline seeds", "", f"`{command}`", "",
+             f"Seeds {cols}: each sets featurize.sasrec.seed and trainer.seed; every seed's full report is in "
+             "seed-N/results.md. \"Expected HR@1\" (synthetic): HR@1 without the draw's lottery "
+             "(docs/benchmarks.md#by-kind-of-target); its difference from the full Speeder is paired per seed.", ""]
+    for name, ds in summary["datasets"].items():
+        lines += [f"## {name} ({ds['test_users']:,} test users per seed)", "",
+                  f"| model | HR@1 (seeds {cols}) | mean HR@1 | expected HR@1 (seeds {cols}) | mean expected HR@1 | "
+                  "expected HR@1 - Speeder (paired 95%, per seed) |", "|---|---|---|---|---|---|"]
+        for model, m in ds["models"].items():
+            hr1 = " / ".join(f"{v:.4f}" for v in m["hr@1"])
+            exp = " / ".join(f"{v:.4f}" for v in m.get("expected", [])) or "n/a"
+            mean = f"{m['expected_mean']:.4f}" if "expected_mean" in m else "n/a"
+            vs = "; ".join(f"{v['mean']:+.4f} +- {v['ci95']:.4f}" for v in m.get("expected_vs_speeder", []))
+            lines.append(f"| {model} | {hr1} | {m['hr@1_mean']:.4f} | {exp} | {mean} | {vs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_seeds(args: argparse.Namespace, command: str, seeds: list[int],
+              run_once: Callable[[argparse.Namespace, str], dict[str, Any]]) -> dict[str, Any]:
+    """Run the bench once per seed (`run_once(args, command)` writes that seed's results under its out) and write
+    seeds.md / seeds.json under --out after every seed, so a long run leaves its finished seeds behind."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
+    for seed in seeds:
+        log.info("== pipeline seed %d (%d of %d)", seed, len(per_seed) + 1, len(seeds))
+        per_seed[seed] = run_once(seed_args(args, seed), command)
+        summary = summarize(per_seed)
+        summary["command"] = command
+        storage.write_json(storage.join(args.out, "seeds.json"), summary)
+        storage.write_bytes(storage.join(args.out, "seeds.md"), seeds_markdown(summary, command).encode())
+    return summary
