@@ -244,10 +244,14 @@ def test_bench_quality_seeds_runs_once_per_pipeline_seed_and_tables_them(tmp_pat
         assert m["expected"] == [runs[s]["by_target"]["models"][name]["expected"] for s in (0, 2)], name
     assert models["SASRec"]["expected_vs_speeder"] == [runs[s]["by_target"]["models"]["SASRec"]["expected_vs_speeder"]
                                                        for s in (0, 2)]
-    assert "expected_vs_speeder" not in models["Speeder"]
+    assert models["no PPT"]["hr@1_vs_speeder"] == [{"mean": runs[s]["models"]["no PPT"]["vs_speeder"]["hr@1"],
+                                                    "ci95": runs[s]["models"]["no PPT"]["vs_speeder"]["ci95"]}
+                                                   for s in (0, 2)]
+    assert "expected_vs_speeder" not in models["Speeder"] and "hr@1_vs_speeder" not in models["Speeder"]
     md = (out / "seeds.md").read_text()
     sasrec = models["SASRec"]
     assert f"| SASRec | {sasrec['hr@1'][0]:.4f} / {sasrec['hr@1'][1]:.4f} | {sasrec['hr@1_mean']:.4f} |" in md
+    assert f"{sasrec['expected'][0]:.4f} / {sasrec['expected'][1]:.4f} | {sasrec['expected_mean']:.4f} |" in md
     # a bad seed list is refused in one line before anything runs
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
                  "--seeds", "0,x", *cheap]) == 2
@@ -255,6 +259,27 @@ def test_bench_quality_seeds_runs_once_per_pipeline_seed_and_tables_them(tmp_pat
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
                  "--seeds", "1,1", *cheap]) == 2
     assert "--seeds: 1 given twice" in caplog.text
+
+
+def test_seeds_summary_without_the_truth_tables_hr1_and_its_paired_differences() -> None:
+    from speeder_platform.bench.quality.seeds import parse_seeds, seeds_markdown, summarize
+
+    def run(speeder: float, pop: float, ci: float) -> dict:  # one seed's results, as a dataset without the truth
+        return {"datasets": {"ml100k": {"data": {"test": 943}, "models": {
+            "Speeder": {"metrics": {"cand_hr@1": speeder}},
+            "Popularity": {"metrics": {"cand_hr@1": pop}, "vs_speeder": {"hr@1": pop - speeder, "ci95": ci}},
+            "no vision": {"same_as": "Speeder", "note": "identical"}}}}}
+
+    summary = summarize({0: run(0.5, 0.2, 0.03), 3: run(0.4, 0.25, 0.04)})
+    models = summary["datasets"]["ml100k"]["models"]
+    assert summary["seeds"] == [0, 3] and set(models) == {"Speeder", "Popularity"}  # same_as rows left out
+    assert models["Popularity"]["hr@1_mean"] == pytest.approx(0.225) and "expected" not in models["Popularity"]
+    md = seeds_markdown(summary, "speeder bench quality --seeds 0,3")
+    assert "| Popularity | 0.2000 / 0.2500 | 0.2250 | -0.3000 +- 0.0300; -0.1500 +- 0.0400 |" in md
+    assert "expected HR@1" not in md.split("## ml100k")[1]  # no truth, no expected columns
+    assert parse_seeds(" 2, 0 ,") == [2, 0] and parse_seeds("") == [] and parse_seeds(None) == []
+    with pytest.raises(ValueError, match="'-1' is not a non-negative integer"):
+        parse_seeds("-1")
 
 
 def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:
