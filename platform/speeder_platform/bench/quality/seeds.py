@@ -5,7 +5,7 @@ batches) and Speeder's sample draws, init and dropout, so a difference that hold
 one draw's. SASRec's features are made once per seed and reused: seed 0 keeps features/<name> (the spec's seed),
 seed N uses features/<name>-sasrecN. Each seed's full results go to `--out/seed-N/`; `--out/seeds.md` and
 `seeds.json` hold, per model, HR@1 and (on the synthetic catalog) expected HR@1 per seed with their mean, and
-each row's expected HR@1 minus the full Speeder's, paired over the same test users, per seed.
+each row's differences from the full Speeder, paired over the same test users, per seed.
 """
 
 from __future__ import annotations
