@@ -154,7 +154,9 @@ class TrainerConfig:
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     epochs: int = 1  # per stage
     max_steps_per_epoch: int | None = None
-    max_train_samples: int | None = None  # per stage: a subsample of the train split seeded by (seed, stage)
+    # Per stage: rows drawn from the train split seeded by (seed, stage), without replacement up to the split's size,
+    # then further seeded passes (train.driver.stage_table).
+    max_train_samples: int | None = None
     stage_samples: list[int] = field(default_factory=list)  # per stage in `stages` order; overrides the above
     batch_size: int = 16  # per worker
     eval_batch_size: int = 64

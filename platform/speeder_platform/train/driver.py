@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from speeder.checkpoint import META_FILE
 from speeder.mpo import plan_stages
@@ -92,10 +93,17 @@ def _train_dataset(cfg: SpeederConfig, stage_index: int):
         fs, path = storage.resolve(uri)
         return ray.data.read_parquet(path, filesystem=fs).materialize()
     table = storage.read_table(uri)  # a small split: one read by the driver, no read tasks to start
-    limit = table.num_rows if limit is None else limit
-    if limit < table.num_rows:
-        table = table.take(np.sort(stage_sample_indices(table.num_rows, limit, cfg.trainer.seed, stage_index)))
-    return ray.data.from_arrow(table).materialize()
+    return ray.data.from_arrow(stage_table(table, limit, cfg.trainer.seed, stage_index)).materialize()
+
+
+def stage_table(table: pa.Table, limit: int | None, seed: int, stage_index: int) -> pa.Table:
+    """A stage's training rows of the train split `table`: all of them (limit None or equal), `limit` rows drawn
+    without replacement in split order (fewer), or every row once then further seeded passes in their drawn
+    order (more: the stage runs that many samples, a seeded permutation per extra pass)."""
+    if limit is None or limit == table.num_rows:
+        return table
+    order = stage_sample_indices(table.num_rows, limit, seed, stage_index)
+    return table.take(np.sort(order) if limit < table.num_rows else order)
 
 
 def _cpus_per_worker(cfg: SpeederConfig) -> float:

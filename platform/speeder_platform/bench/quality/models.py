@@ -68,11 +68,12 @@ def plan_for(cfg: ModelConfig, features: ItemFeatures) -> list[Stage]:
 
 def recipe_steps(cfg: SpeederConfig, features: ItemFeatures, num_train: int) -> dict[int, int]:
     """Optimiser steps per stage that `speeder train` runs with cfg on one worker (the bench is one
-    process): samples per stage (trainer.stage_samples / max_train_samples, else the split) / batch x epochs."""
+    process): samples per stage (trainer.stage_samples / max_train_samples, more than the split included; else the
+    split) / batch x epochs."""
     from speeder_platform.train.driver import stage_sample_limit, steps_per_epoch
 
     one = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=1))
-    return {s.index: steps_per_epoch(min(num_train, stage_sample_limit(one, s.index) or num_train), one)
+    return {s.index: steps_per_epoch(stage_sample_limit(one, s.index) or num_train, one)
             * one.trainer.epochs for s in plan_for(cfg.model, features)}
 
 
