@@ -259,6 +259,9 @@ def test_bench_quality_seeds_runs_once_per_pipeline_seed_and_tables_them(tmp_pat
     assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
                  "--seeds", "1,1", *cheap]) == 2
     assert "--seeds: 1 given twice" in caplog.text
+    assert main(["--dataset", "synthetic", "--synthetic-data", data, "--out", str(tmp_path / "bad"),
+                 "--seeds", "0,1", "--set", "featurize.sasrec.seed=4", *cheap]) == 2
+    assert "drop --set featurize.sasrec.seed=4" in caplog.text and not (tmp_path / "bad").exists()
 
 
 def test_seeds_summary_without_the_truth_tables_hr1_and_its_paired_differences() -> None:
@@ -277,9 +280,13 @@ def test_seeds_summary_without_the_truth_tables_hr1_and_its_paired_differences()
     md = seeds_markdown(summary, "speeder bench quality --seeds 0,3")
     assert "| Popularity | 0.2000 / 0.2500 | 0.2250 | -0.3000 +- 0.0300; -0.1500 +- 0.0400 |" in md
     assert "expected HR@1" not in md.split("## ml100k")[1]  # no truth, no expected columns
-    assert parse_seeds(" 2, 0 ,") == [2, 0] and parse_seeds("") == [] and parse_seeds(None) == []
-    with pytest.raises(ValueError, match="'-1' is not a non-negative integer"):
-        parse_seeds("-1")
+    assert parse_seeds(" 2, 0 ,") == [2, 0] and parse_seeds(None) == []
+    for bad, message in (("-1", "'-1' is not a non-negative integer"), ("\u00b2", "is not a non-negative integer"),
+                         (" , ", "no seed in ' , '")):
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="drop --set trainer.seed=3"):  # the seeds would silently replace it
+        parse_seeds("0,1", ["model.ppt_lambda=0", "trainer.seed=3"])
 
 
 def test_bench_quality_help_and_bad_variant(capsys, caplog) -> None:

@@ -29,6 +29,7 @@ def test_defaults_and_dotlist_overrides() -> None:
         (["trainer.lr_schedule=linear"], "trainer.lr_schedule"),
         (["trainer.lr_warmup=1.0"], "trainer.lr_warmup"),
         (["trainer.loss_pool=sampled", "model.distill_weight=0.5"], "trainer.loss_pool"),
+        (["trainer.stage_samples=[8,8,8]", "trainer.max_train_samples=8"], "trainer.max_train_samples"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], key: str) -> None:

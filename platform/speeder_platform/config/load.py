@@ -104,6 +104,10 @@ def validate(cfg: SpeederConfig) -> SpeederConfig:
                           f"{list(t.stages)}")
     for i, n in enumerate(t.stage_samples):
         _positive(f"trainer.stage_samples[{i}]", n)
+    if t.stage_samples and t.max_train_samples is not None:  # one would be ignored without a word
+        raise ConfigError(f"trainer.max_train_samples={t.max_train_samples} and trainer.stage_samples="
+                          f"{list(t.stage_samples)} are both set; stage_samples would win: set one (stage_samples=[] "
+                          "clears it)")
     _positive("trainer.text_lr_scale", t.text_lr_scale, allow_zero=True)
     _positive("trainer.gate_lr_scale", t.gate_lr_scale)
     _positive("trainer.cpus_per_worker", t.cpus_per_worker)

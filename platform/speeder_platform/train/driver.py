@@ -78,8 +78,9 @@ def steps_per_epoch(samples: int, cfg: SpeederConfig) -> int:
 
 
 def _train_dataset(cfg: SpeederConfig, stage_index: int):
-    """One stage's training samples as a materialised Ray Dataset: the whole train split, or a subsample
-    seeded by (trainer.seed, stage), so every stage draws fresh samples.
+    """One stage's training samples as a materialised Ray Dataset: the whole train split, or `stage_table`'s draw
+    seeded by (trainer.seed, stage): fewer rows (fresh samples per stage) or more (further passes). With a
+    limit the driver reads the split itself, whatever its size.
 
     Materialised before the trainers start: the read tasks then never compete with the training
     workers for CPUs (on a 2-core machine they would never get one), and every restarted worker

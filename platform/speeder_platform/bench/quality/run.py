@@ -373,9 +373,12 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     from speeder_platform.bench.quality.seeds import parse_seeds, run_seeds
 
     args = check_args(args)
-    seeds = parse_seeds(getattr(args, "seeds", None))
+    seeds = parse_seeds(getattr(args, "seeds", None), args.set)
     if seeds:
-        run_seeds(args, command, seeds, run_once)
+        setups = default_setups(args)
+        names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
+        spec_seeds = {variant_config(setups[n].spec, args.set, []).featurize.sasrec.seed for n in names}
+        run_seeds(args, command, seeds, spec_seeds, run_once)
         sys.stdout.write(f"bench quality: {storage.join(args.out, 'seeds.md')}\n")
         return 0
     results = run_once(args, command)

@@ -1,9 +1,11 @@
 """`speeder bench quality --seeds 0,1,2`: the whole bench once per pipeline seed, then one table across them.
 
 A pipeline seed N sets `featurize.sasrec.seed=N` and `trainer.seed=N`: SASRec's features (its init, dropout and
-batches) and Speeder's sample draws, init and dropout, so a difference that holds over seeds is the models', not
-one draw's. SASRec's features are made once per seed and reused: seed 0 keeps features/<name> (the spec's seed),
-seed N uses features/<name>-sasrecN. Each seed's full results go to `--out/seed-N/`; `--out/seeds.md` and
+batches) and Speeder's sample draws, init and dropout (and with them the bench's other seeded draws: cold-start
+items, masked modalities, validation and LLaRA subsets), so a difference that holds over seeds is the models', not
+one draw's. Features are made once per seed and reused (a new folder runs the whole featurize, encoders included):
+the spec's own SASRec seed keeps features/<name>, any other seed N uses features/<name>-sasrecN. Seeds given with
+--seeds cannot also come from --set. Each seed's full results go to `--out/seed-N/`; `--out/seeds.md` and
 `seeds.json` hold, per model, HR@1 and (on the synthetic catalog) expected HR@1 per seed with their mean, and
 each row's differences from the full Speeder, paired over the same test users, per seed.
 """
@@ -21,25 +23,35 @@ from speeder_platform import storage
 log = logging.getLogger("speeder.bench")
 
 
-def parse_seeds(text: str | None) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; ValueError names a seed that is not a non-negative integer or a repeated one."""
-    if not text:
+SEED_KEYS = ("featurize.sasrec.seed", "trainer.seed")  # what a pipeline seed sets
+
+
+def parse_seeds(text: str | None, overrides: list[str] = ()) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (None: no --seeds, []); ValueError names a seed that is not a non-negative integer, a
+    repeated one, an empty list, or a --set of a key the seeds set."""
+    if text is None:
         return []
-    seeds = []
+    seeds: list[int] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             raise ValueError(f"--seeds: {part!r} is not a non-negative integer")
         if int(part) in seeds:
             raise ValueError(f"--seeds: {part} given twice")
         seeds.append(int(part))
+    if not seeds:
+        raise ValueError(f"--seeds: no seed in {text!r}")
+    clash = [o for o in overrides if o.split("=", 1)[0].strip() in SEED_KEYS]
+    if clash:
+        raise ValueError(f"--seeds sets {' and '.join(SEED_KEYS)} for each run; drop --set {', '.join(clash)}")
     return seeds
 
 
-def seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """The bench's options for one pipeline seed: both seeds set after the user's --set, its own features and out."""
+def seed_args(args: argparse.Namespace, seed: int, spec_seeds: set[int]) -> argparse.Namespace:
+    """The bench's options for one pipeline seed: both seeds set, its own features and out. `spec_seeds`: the
+    recipes' featurize.sasrec.seed (features/<name> holds that seed's SASRec; any other seed gets its own folder)."""
     one = copy.copy(args)
-    one.set = [*args.set, f"featurize.sasrec.seed={seed}", f"trainer.seed={seed}"]
-    one.features_name = args.features_name if seed == 0 else f"{args.features_name}-sasrec{seed}"
+    one.set = [*args.set, *(f"{key}={seed}" for key in SEED_KEYS)]
+    one.features_name = args.features_name if spec_seeds == {seed} else f"{args.features_name}-sasrec{seed}"
     one.out = storage.join(args.out, f"seed-{seed}")
     one.seeds = None
     return one
@@ -110,7 +122,7 @@ def _differences(values: list[dict[str, float]]) -> str:
     return "; ".join(f"{v['mean']:+.4f} +- {v['ci95']:.4f}" for v in values)
 
 
-def run_seeds(args: argparse.Namespace, command: str, seeds: list[int],
+def run_seeds(args: argparse.Namespace, command: str, seeds: list[int], spec_seeds: set[int],
               run_once: Callable[[argparse.Namespace, str], dict[str, Any]]) -> dict[str, Any]:
     """Run the bench once per seed (`run_once(args, command)` writes that seed's results under its out) and write
     seeds.md / seeds.json under --out after every seed, so a long run leaves its finished seeds behind."""
@@ -118,7 +130,7 @@ def run_seeds(args: argparse.Namespace, command: str, seeds: list[int],
     summary: dict[str, Any] = {}
     for seed in seeds:
         log.info("== pipeline seed %d (%d of %d)", seed, len(per_seed) + 1, len(seeds))
-        per_seed[seed] = run_once(seed_args(args, seed), command)
+        per_seed[seed] = run_once(seed_args(args, seed, spec_seeds), command)
         summary = summarize(per_seed)
         summary["command"] = command
         storage.write_json(storage.join(args.out, "seeds.json"), summary)
