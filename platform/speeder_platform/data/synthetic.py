@@ -161,7 +161,7 @@ def generate_users(cfg: SyntheticConfig, catalog: SyntheticCatalog) -> tuple[lis
     sequences, chosen = [], []
     for _ in range(cfg.num_users):
         g = int(groups[rng.integers(len(groups))])
-        preferred, related = _pools(cfg, catalog, g)
+        preferred, related = group_pools(cfg, catalog, g)
         length = min(int(rng.integers(cfg.min_length, cfg.max_length + 1)), cfg.num_items)
         seen = np.zeros(cfg.num_items, bool)
         items: list[int] = []
@@ -183,8 +183,8 @@ def generate_users(cfg: SyntheticConfig, catalog: SyntheticCatalog) -> tuple[lis
     return sequences, np.asarray(chosen, np.int64)
 
 
-def _pools(cfg: SyntheticConfig, catalog: SyntheticCatalog, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """A group's items and its related pool (every item sharing its category or its colour)."""
+def group_pools(cfg: SyntheticConfig, catalog: SyntheticCatalog, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """A group's items and its related pool (every item sharing its category or its colour), as item indices."""
     category, colour = divmod(group, cfg.num_colors)
     return (np.flatnonzero(catalog.group == group),
             np.flatnonzero((catalog.category == category) | (catalog.colour == colour)))
@@ -207,7 +207,7 @@ def next_item_odds(cfg: SyntheticConfig, catalog: SyntheticCatalog, group: int, 
     if prefix and not seen[catalog.successor[prefix[-1]]]:
         odds[catalog.successor[prefix[-1]]] += cfg.markov_strength
         rest -= cfg.markov_strength
-    for pool in (*_pools(cfg, catalog, group), np.arange(cfg.num_items)):
+    for pool in (*group_pools(cfg, catalog, group), np.arange(cfg.num_items)):
         free = pool[~seen[pool]]
         if len(free):
             odds[free] += rest / len(free)

@@ -157,6 +157,7 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
     from speeder_platform.data.synthetic import (
         SOURCE,
         generate_users,
+        group_pools,
         item_source_id,
         next_item_odds,
         synthetic_catalog,
@@ -188,6 +189,9 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
     target, successor_at = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     in_pool, near_last = np.zeros(odds.shape, bool), np.zeros(odds.shape, bool)
     rule = np.zeros(odds.shape)
+    related = np.zeros((cfg.num_categories * cfg.num_colors, cfg.num_items), bool)  # (G, N): the generator's pools
+    for group in range(len(related)):
+        related[group, group_pools(cfg, catalog, group)[1]] = True
     for s in range(n):
         user = int(samples.user_id[s])  # every user kept: ids follow the generator's order (user-NNNNN)
         sequence = sequences[user]
@@ -200,13 +204,11 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
                              "generator drew for that user (data prepared from another config?)")
         odds[s] = next_item_odds(cfg, catalog, int(groups[user]), sequence[:at])[candidates]
         target[s] = int(np.flatnonzero(candidates == t)[0])
-        category, colour = divmod(int(groups[user]), cfg.num_colors)
-        in_pool[s] = (catalog.category[candidates] == category) | (catalog.colour[candidates] == colour)
+        in_pool[s] = related[groups[user], candidates]
         rule[s] = content_rule_scores(np.asarray(history, np.int64), candidates, catalog)
         if at:
             last = sequence[at - 1]
-            near_last[s] = ((catalog.category[candidates] == catalog.category[last])
-                            | (catalog.colour[candidates] == catalog.colour[last]))
+            near_last[s] = related[catalog.group[last], candidates]  # sharing the last item's category or colour
             where = np.flatnonzero((candidates == catalog.successor[last]) & (odds[s] > 0))
             successor_at[s] = int(where[0]) if len(where) else -1
     return SyntheticTruth(odds=odds, target=target, successor_at=successor_at, in_pool=in_pool,
