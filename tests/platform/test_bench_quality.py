@@ -16,8 +16,7 @@ from speeder_platform import cli, storage
 from speeder_platform.baselines_eval import metrics_from_ranks, popularity_scorer, rank_with
 from speeder_platform.bench.quality import data as quality_data
 from speeder_platform.bench.quality.data import hold_out_items, mask_modality, warm_train_samples
-from speeder_platform.bench.quality.run import CONTENT_RULE
-from speeder_platform.bench.quality.truth import synthetic_truth
+from speeder_platform.bench.quality.truth import CONTENT_RULE, synthetic_truth
 from speeder_platform.bench.quality.variants import VARIANTS
 from speeder_platform.config import to_dict
 from speeder_platform.featurize.pipeline import features_dir

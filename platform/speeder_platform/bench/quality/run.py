@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from speeder.loop import Samples, catalog_tokens, rank_targets
-from speeder.metrics import paired_difference, paired_mean_difference
+from speeder.metrics import paired_difference
 from speeder_platform import storage
 from speeder_platform.baselines_eval import (
     baseline_ranks,
@@ -69,7 +69,7 @@ from speeder_platform.bench.quality.models import (
     valid_subset,
     variant_config,
 )
-from speeder_platform.bench.quality.truth import SyntheticTruth, synthetic_truth
+from speeder_platform.bench.quality.truth import synthetic_by_target, synthetic_truth
 from speeder_platform.bench.quality.variants import PARTS, VARIANTS
 from speeder_platform.config import SpeederConfig, to_dict
 
@@ -300,29 +300,6 @@ def run_dataset(name: str, setup: DatasetSetup, args: argparse.Namespace) -> dic
     return result
 
 
-# A reference row of the by-kind table: the truth's history-content rule (truth.content_rule_scores), no training.
-CONTENT_RULE = "rule: successor, then the history's categories and colours (truth, no training)"
-
-
-def synthetic_by_target(truth: SyntheticTruth, rows: dict[str, dict]) -> dict[str, Any]:
-    """The synthetic truth's view of every row ranked on all test users, and of the history-content rule: HR@1 by
-    kind of target, how often it ranks by the odds, its expected HR@1 and (`expected_vs_speeder`) that minus the
-    full model's, paired, and where its first choices fall on the draws from the related pool."""
-    ranked = {k: r["ranks"] for k, r in rows.items() if r.get("ranks") is not None and r.get("users_index") is None}
-    rule_ranks, rule_first = truth.content_rule()
-    ranked[CONTENT_RULE] = {"candidates": rule_ranks, "first": rule_first}
-    models = {k: truth.by_target(r["candidates"], r.get("first")) for k, r in ranked.items()}
-    ref = rows.get("Speeder", {}).get("ranks", {}).get("first")
-    ref_hits = None if ref is None else truth.expected_hits(ref)
-    for name, m in models.items():
-        first = ranked[name].get("first")
-        if ref_hits is not None and first is not None and name != "Speeder":
-            mean, half = paired_mean_difference(truth.expected_hits(first), ref_hits)
-            m["expected_vs_speeder"] = {"mean": mean, "ci95": half}
-    return {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
-            "ceiling": truth.ceiling(), "models": models}
-
-
 def data_info(data: BenchData) -> dict[str, Any]:
     return {"items": data.num_items, "train": len(data.train), "valid": len(data.valid), "test": len(data.test),
             "modalities": sorted(data.available), "items_with_image": int(data.features.image_mask.sum()),
@@ -366,6 +343,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def dataset_names(args: argparse.Namespace) -> list[str]:
+    """The datasets `--dataset` asks for, in the order they run."""
+    return ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
+
+
 def run_command(args: argparse.Namespace, command: str) -> int:
     """Run the bench for the chosen dataset(s); write results.md / results.json / plots under --out (with
     --seeds: once per pipeline seed under --out/seed-N, and seeds.md / seeds.json across them).
@@ -376,8 +358,7 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     seeds = parse_seeds(getattr(args, "seeds", None), args.set)
     if seeds:
         setups = default_setups(args)
-        names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
-        spec_seeds = {variant_config(setups[n].spec, args.set, []).featurize.sasrec.seed for n in names}
+        spec_seeds = {variant_config(setups[n].spec, args.set, []).featurize.sasrec.seed for n in dataset_names(args)}
         run_seeds(args, command, seeds, spec_seeds, run_once)
         sys.stdout.write(f"bench quality: {storage.join(args.out, 'seeds.md')}\n")
         return 0
@@ -390,14 +371,13 @@ def run_once(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """One bench run over the chosen dataset(s), written under args.out after each dataset; returns the results."""
     from speeder_platform.bench.quality.report import write_results
 
-    names = ["synthetic", "ml100k"] if args.dataset == "both" else [args.dataset]
     setups = default_setups(args)
     t0 = time.perf_counter()
     results: dict[str, Any] = {"command": command,
                                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
                                "cold_fraction": args.cold_fraction, "missing_rate": args.missing_rate,
                                "datasets": {}}
-    for name in names:
+    for name in dataset_names(args):
         results["datasets"][name] = run_dataset(name, apply_overrides(setups[name], args), args)
         results["seconds"] = round(time.perf_counter() - t0)
         write_results(results, args.out)  # after each dataset: a long run leaves its finished part behind

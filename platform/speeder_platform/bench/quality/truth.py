@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from speeder import schema
 from speeder.loop import Samples
-from speeder.metrics import first_choice, target_rank
+from speeder.metrics import first_choice, paired_mean_difference, target_rank
 from speeder_platform import storage
 
 if TYPE_CHECKING:
@@ -213,3 +213,26 @@ def synthetic_truth(data_uri: str, samples: Samples) -> SyntheticTruth | None:
             successor_at[s] = int(where[0]) if len(where) else -1
     return SyntheticTruth(odds=odds, target=target, successor_at=successor_at, in_pool=in_pool,
                           near_last=near_last, rule_scores=rule)
+
+
+# A reference row of the by-kind table: the history-content rule (content_rule_scores), no training.
+CONTENT_RULE = "rule: successor, then the history's categories and colours (truth, no training)"
+
+
+def synthetic_by_target(truth: SyntheticTruth, rows: dict[str, dict]) -> dict[str, Any]:
+    """The synthetic truth's view of every row ranked on all test users, and of the history-content rule: HR@1 by
+    kind of target, how often it ranks by the odds, its expected HR@1 and (`expected_vs_speeder`) that minus the
+    full model's, paired, and where its first choices fall on the draws from the related pool."""
+    ranked = {k: r["ranks"] for k, r in rows.items() if r.get("ranks") is not None and r.get("users_index") is None}
+    rule_ranks, rule_first = truth.content_rule()
+    ranked[CONTENT_RULE] = {"candidates": rule_ranks, "first": rule_first}
+    models = {k: truth.by_target(r["candidates"], r.get("first")) for k, r in ranked.items()}
+    ref = rows.get("Speeder", {}).get("ranks", {}).get("first")
+    ref_hits = None if ref is None else truth.expected_hits(ref)
+    for name, m in models.items():
+        first = ranked[name].get("first")
+        if ref_hits is not None and first is not None and name != "Speeder":
+            mean, half = paired_mean_difference(truth.expected_hits(first), ref_hits)
+            m["expected_vs_speeder"] = {"mean": mean, "ci95": half}
+    return {"successor_share": float(truth.successor.mean()), "test_users": len(truth.successor),
+            "ceiling": truth.ceiling(), "models": models}
