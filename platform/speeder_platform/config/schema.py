@@ -116,7 +116,8 @@ class ModelConfig:
     ppt_pairs: int = 4  # position pairs sampled per sample
     use_mpo: bool = True  # False: one stage with every modality from the start (ablation)
     # The accuracy levers (speeder/model.py SpeederSettings; measured on ML-100K, README "Quality"): on by
-    # default. The paper's model: readout=final, dense_weight=0, item_prior, sequence_skip, readout_skip false.
+    # default, except distillation, the residual readout and the history taste. The paper's model:
+    # readout=final, dense_weight=0, item_prior, sequence_skip, readout_skip false.
     readout: str = "both"  # user vector from: final (the prompt's last token) | last_slot | both
     dense_weight: float = 1.0  # weight of the dense next-item loss at every history slot (0: off)
     item_prior: bool = True  # learned per-item score term from the item token
